@@ -1,0 +1,24 @@
+"""SAE architectures. Importing this package registers every architecture file below."""
+
+from sae_lens.saes import standard_sae, topk_sae  # noqa: F401  (registration side effect)
+from sae_lens.saes.sae import (
+    SAEConfig,
+    SparseAutoencoder,
+    TrainStepOutput,
+    get_architecture_class,
+    register_architecture,
+    registered_architectures,
+)
+from sae_lens.saes.standard_sae import StandardSAE
+from sae_lens.saes.topk_sae import TopKSAE
+
+__all__ = [
+    "SAEConfig",
+    "SparseAutoencoder",
+    "StandardSAE",
+    "TopKSAE",
+    "TrainStepOutput",
+    "get_architecture_class",
+    "register_architecture",
+    "registered_architectures",
+]

@@ -1,0 +1,84 @@
+"""TopK SAE: each token keeps its k largest pre-activations; AuxK revives dead latents."""
+
+from __future__ import annotations
+
+import torch
+
+from sae_lens.errors import SAELensError
+from sae_lens.kernels import dense_from_sparse, sparse_decode, sparse_topk_encode
+from sae_lens.saes.sae import (
+    SparseAutoencoder,
+    TrainStepOutput,
+    per_token_squared_error,
+    register_architecture,
+)
+
+
+@register_architecture("topk")
+class TopKSAE(SparseAutoencoder):
+    """Keeps the `cfg.k` largest pre-activations per token (then ReLU); no sparsity penalty.
+
+    Training decodes only the k active rows and back-propagates into the encoder only through the
+    active columns (`sae_lens.kernels.sparse_topk`), so a step costs one dense matmul, not three.
+    """
+
+    def validate_config(self) -> None:
+        k = self.cfg.k
+        if k is None or k <= 0 or k > self.cfg.d_sae:
+            raise SAELensError(f"topk SAE needs 0 < k <= d_sae ({self.cfg.d_sae}); got k={k!r}")
+
+    @property
+    def k(self) -> int:
+        """Active latents per token."""
+        assert self.cfg.k is not None
+        return self.cfg.k
+
+    def activation(self, hidden_pre: torch.Tensor) -> torch.Tensor:
+        values, indices = hidden_pre.topk(self.k, dim=-1)
+        return torch.zeros_like(hidden_pre).scatter_(-1, indices, torch.relu(values))
+
+    def training_forward_pass(
+        self,
+        x: torch.Tensor,
+        dead_neuron_mask: torch.Tensor | None = None,
+        l1_coefficient: float | None = None,
+    ) -> TrainStepOutput:
+        """Sparse forward and losses: MSE plus AuxK on the latents marked dead.
+
+        Hooks are bypassed here: the sparse path never materialises the dense pre-activations.
+        """
+        sae_in = self.process_sae_in(x)
+        values, indices = sparse_topk_encode(sae_in, self.W_enc, self.b_enc, self.k)
+        sae_out = sparse_decode(values, indices, self.W_dec, self.b_dec)
+        mse_loss = per_token_squared_error(sae_out, x).mean()
+        aux_loss = torch.zeros((), dtype=mse_loss.dtype, device=mse_loss.device)
+        if dead_neuron_mask is not None and self.cfg.aux_k_coefficient > 0 and dead_neuron_mask.any():
+            aux_loss = self.cfg.aux_k_coefficient * self.aux_k_loss(x, sae_in, sae_out, dead_neuron_mask)
+        feature_acts = dense_from_sparse(values.detach(), indices, self.cfg.d_sae)
+        zero = torch.zeros_like(mse_loss)
+        return TrainStepOutput(sae_out, feature_acts, mse_loss + aux_loss, mse_loss, zero, aux_loss)
+
+    def aux_k_loss(
+        self,
+        x: torch.Tensor,
+        sae_in: torch.Tensor,
+        sae_out: torch.Tensor,
+        dead_neuron_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """AuxK: reconstruct the residual x - x̂ with the top k_aux dead latents.
+
+        Normalised by the residual's variance so the loss is scale-free:
+        ‖e - ê‖² / ‖e - ē‖². Only the dead columns of the encoder are multiplied, so the cost
+        grows with the number of dead latents rather than with d_sae.
+        """
+        dead = dead_neuron_mask.nonzero().squeeze(1)
+        k_aux = min(self.cfg.aux_k or self.cfg.d_in // 2, dead.numel())
+        residual = (x.to(sae_out.dtype) - sae_out).detach()
+        pre_dead = sae_in @ self.W_enc[:, dead] + self.b_enc[dead]
+        values, positions = pre_dead.topk(k_aux, dim=-1)
+        residual_hat = sparse_decode(
+            torch.relu(values), dead[positions], self.W_dec, torch.zeros_like(self.b_dec)
+        )
+        variance = per_token_squared_error(residual.mean(dim=0, keepdim=True), residual).mean()
+        loss = per_token_squared_error(residual_hat, residual).mean() / variance.clamp_min(1e-12)
+        return torch.nan_to_num(loss, nan=0.0)
