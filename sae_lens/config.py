@@ -241,17 +241,21 @@ class LanguageModelSAERunnerConfig:
         _check_choice("dtype", self.dtype, DTYPES)
         _check_choice("model_dtype", self.model_dtype, DTYPES)
         # Imported here because the architecture registry imports this module's neighbours.
-        from sae_lens.saes import registered_architectures
+        from sae_lens.saes import get_architecture_class, registered_architectures
 
         _check_choice("architecture", self.architecture, tuple(registered_architectures()))
+        if (
+            get_architecture_class(self.architecture).uses_k
+            and self.d_sae is not None
+            and self.k > self.d_sae
+        ):
+            raise SAELensError(f"k ({self.k}) must not exceed d_sae ({self.d_sae})")
         _check_choice("jumprelu_sparsity_loss_mode", self.jumprelu_sparsity_loss_mode, ("step", "tanh"))
         if self.target_l0 is not None and not self.target_l0 > 0:
             raise SAELensError(f"target_l0 must be positive or unset, got {self.target_l0!r}")
         for name in ("jumprelu_bandwidth", "jumprelu_init_threshold", "topk_threshold_lr"):
             if not getattr(self, name) > 0:
                 raise SAELensError(f"{name} must be positive, got {getattr(self, name)!r}")
-        if self.d_sae is not None and self.k > self.d_sae:
-            raise SAELensError(f"k ({self.k}) must not exceed d_sae ({self.d_sae})")
         if (
             self.hook_point_layer is None
             and not _HOOK_LAYER_PATTERN.match(self.hook_point)
@@ -332,9 +336,10 @@ def coerce_field(cls: type, name: str, value: Any) -> Any:
                 return False
             raise ValueError
         if allowed is int:
-            if isinstance(value, float) and not value.is_integer():
+            number = float(value) if isinstance(value, str) else value  # "1e6" ok; "1.5" not 1
+            if isinstance(number, float) and not number.is_integer():
                 raise ValueError
-            return int(float(value)) if isinstance(value, str) else int(value)
+            return int(number)
         if allowed is float:
             return float(value)
         if allowed is str:

@@ -80,6 +80,11 @@ def sae_config_from_dict(raw: dict[str, Any]) -> SAEConfig:
         raise SAELensError(
             f"cfg.json uses normalize_activations={normalize!r}, which this library cannot run yet"
         )
+    if raw.get("rescale_acts_by_decoder_norm"):
+        raise SAELensError(
+            "cfg.json sets rescale_acts_by_decoder_norm, which this library cannot run yet; "
+            "fold the decoder norms into the encoder before saving"
+        )
     handled = {"d_in", "d_sae", "architecture", "dtype", "device", "apply_b_dec_to_input"}
     handled |= {"normalize_activations", "k", "metadata"}
     optional = {

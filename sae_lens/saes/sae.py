@@ -186,6 +186,8 @@ class SparseAutoencoder(HookedRootModule):
     architecture_name: ClassVar[str] = ""
     normalize_decoder: ClassVar[bool] = True
     """Whether training keeps decoder rows at unit norm (and drops the gradient along them)."""
+    uses_k: ClassVar[bool] = False
+    """Whether the architecture reads `cfg.k` (the TopK family)."""
 
     def __new__(cls, cfg: SAEConfig | LanguageModelSAERunnerConfig, *args: Any, **kwargs: Any):
         if cls is SparseAutoencoder:

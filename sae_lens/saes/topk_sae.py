@@ -22,10 +22,22 @@ class TopKSAE(SparseAutoencoder):
     active columns (`sae_lens.kernels.sparse_topk`), so a step costs one dense matmul, not three.
     """
 
+    uses_k = True
+
     def validate_config(self) -> None:
         k = self.cfg.k
         if k is None or k <= 0 or k > self.cfg.d_sae:
             raise SAELensError(f"topk SAE needs 0 < k <= d_sae ({self.cfg.d_sae}); got k={k!r}")
+
+    @torch.no_grad()
+    def fold_W_dec_norm(self) -> None:
+        """Only a no-op is safe: rescaling pre-activations would change which k latents win."""
+        norms = self.W_dec.norm(dim=-1)
+        if not torch.allclose(norms, torch.ones_like(norms), atol=1e-4):
+            raise SAELensError(
+                "fold_W_dec_norm would change a TopK SAE's outputs (it rescales the pre-activations "
+                "that compete for the top k); keep its decoder rows at unit norm instead"
+            )
 
     @property
     def k(self) -> int:

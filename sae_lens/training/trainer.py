@@ -110,6 +110,8 @@ class SAETrainer:
     def train_step(self, x: torch.Tensor, return_metrics: bool = True) -> dict[str, Any]:
         """One optimiser step on `x` `[batch, d_in]` (raw scale); the step's metrics if asked."""
         sae = self.sae
+        if x.ndim != 2 or x.shape[1] != sae.cfg.d_in:
+            self._check_batch(x)
         x = x.to(sae.device, sae.dtype) * self.input_scale
         dead_mask = self.steps_since_fired > self.cfg.dead_feature_window
         output = sae.training_forward_pass(x, dead_mask, self.current_l1_coefficient())
