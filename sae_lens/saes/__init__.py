@@ -1,6 +1,8 @@
 """SAE architectures. Importing this package registers every architecture file below."""
 
-from sae_lens.saes import standard_sae, topk_sae  # noqa: F401  (registration side effect)
+from sae_lens.saes import gated_sae, jumprelu_sae, standard_sae, topk_sae  # noqa: F401  (registration side effect)
+from sae_lens.saes.gated_sae import GatedSAE
+from sae_lens.saes.jumprelu_sae import JumpReLUSAE
 from sae_lens.saes.sae import (
     SAEConfig,
     SparseAutoencoder,
@@ -13,6 +15,8 @@ from sae_lens.saes.standard_sae import StandardSAE
 from sae_lens.saes.topk_sae import TopKSAE
 
 __all__ = [
+    "GatedSAE",
+    "JumpReLUSAE",
     "SAEConfig",
     "SparseAutoencoder",
     "StandardSAE",

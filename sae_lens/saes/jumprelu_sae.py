@@ -1,0 +1,261 @@
+"""JumpReLU SAE (Rajamanoharan et al. 2024, "Jumping Ahead"): each latent fires only above its own
+learned threshold, trained with straight-through estimators (STEs) of the threshold's gradient.
+
+`f_i = pre_i * H(pre_i - θ_i)` with `H` the Heaviside step. `H` has zero derivative almost
+everywhere, so the threshold learns through pseudo-derivatives: with the rectangle kernel
+`K(u) = 1[-1/2 < u < 1/2]` and bandwidth `ε`,
+
+- JumpReLU `x H(x - θ)`: d/dx = `H(x - θ)`, d/dθ = `-(θ/ε) K((x - θ)/ε)`;
+- Step `H(x - θ)` (the L0 penalty): d/dx = 0, d/dθ = `-(1/ε) K((x - θ)/ε)`.
+
+Only tokens whose pre-activation lies within ε/2 of a threshold move that threshold.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from sae_lens.errors import SAELensError
+from sae_lens.saes.sae import (
+    SAEConfig,
+    SparseAutoencoder,
+    TrainStepOutput,
+    per_token_squared_error,
+    register_architecture,
+)
+
+if TYPE_CHECKING:
+    from sae_lens.config import LanguageModelSAERunnerConfig
+
+SPARSITY_LOSS_MODES = ("step", "tanh")
+
+
+def rectangle(u: torch.Tensor) -> torch.Tensor:
+    """The rectangle kernel: 1 on the open interval (-1/2, 1/2), else 0 (in `u`'s dtype)."""
+    return ((u > -0.5) & (u < 0.5)).to(u.dtype)
+
+
+class JumpReLUFunction(torch.autograd.Function):
+    """`x * H(x - θ)` with the STE gradient of the JumpReLU paper.
+
+    Inputs: `x` `[..., d_sae]`, `threshold` broadcastable to `x` (normally `[d_sae]`), `bandwidth` ε.
+    Backward: `grad_x = H(x - θ) * g`; `grad_θ = -(θ/ε) K((x - θ)/ε) * g`, summed to θ's shape.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
+        ctx.save_for_backward(x, threshold)
+        ctx.bandwidth = bandwidth
+        return x * (x > threshold).to(x.dtype)
+
+    @staticmethod
+    def backward(
+        ctx: Any, grad_output: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        x, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_x = grad_threshold = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (x > threshold).to(grad_output.dtype) * grad_output
+        if ctx.needs_input_grad[1]:
+            pseudo = -(threshold / eps) * rectangle((x - threshold) / eps)
+            grad_threshold = (pseudo * grad_output).sum_to_size(threshold.shape)
+        return grad_x, grad_threshold, None
+
+
+class StepFunction(torch.autograd.Function):
+    """`H(x - θ)` (1 where x > θ) with the STE gradient of the JumpReLU paper.
+
+    Backward: zero gradient to `x` (returned as None); `grad_θ = -(1/ε) K((x - θ)/ε) * g`, summed
+    to θ's shape.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
+        ctx.save_for_backward(x, threshold)
+        ctx.bandwidth = bandwidth
+        return (x > threshold).to(x.dtype)
+
+    @staticmethod
+    def backward(
+        ctx: Any, grad_output: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        x, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_threshold = None
+        if ctx.needs_input_grad[1]:
+            pseudo = -(1.0 / eps) * rectangle((x - threshold) / eps)
+            grad_threshold = (pseudo * grad_output).sum_to_size(threshold.shape)
+        # None is autograd's zero gradient, without materialising a [batch, d_sae] tensor of zeros.
+        return None, grad_threshold, None
+
+
+def jumprelu(x: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
+    """`x * H(x - threshold)`, differentiable in `threshold` through the STE (see `JumpReLUFunction`)."""
+    return JumpReLUFunction.apply(x, threshold, bandwidth)
+
+
+def step(x: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
+    """`H(x - threshold)`, differentiable in `threshold` through the STE (see `StepFunction`)."""
+    return StepFunction.apply(x, threshold, bandwidth)
+
+
+def _log_threshold_dtype(device: torch.device) -> torch.dtype:
+    # float64 makes threshold -> log -> threshold exact in the SAE's dtype; MPS has no float64.
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+@register_architecture("jumprelu")
+class JumpReLUSAE(SparseAutoencoder):
+    """JumpReLU SAE: `f = pre * H(pre - θ)` with a learned per-latent threshold θ `[d_sae]`.
+
+    Parameters: the base four (`W_enc`, `b_enc`, `W_dec`, `b_dec`) plus `log_threshold` `[d_sae]`.
+    The threshold is trained in log space (θ = exp(log_threshold) stays positive and moves by
+    relative steps, as in the paper and SAELens), but `state_dict()` and saved files hold `threshold`
+    itself, exactly as SAELens 6.x writes it, so SAELens folders load directly and ours load there.
+    `log_threshold` is kept in float64 (float32 on MPS), which makes the threshold -> log -> threshold
+    trip exact for float32 and narrower SAE dtypes: loading a file reproduces its thresholds bit for
+    bit.
+
+    Thresholds are never negative (log parametrisation; loading rejects negative ones), so
+    `pre * H(pre - θ)` equals SAELens' `relu(pre) * H(pre - θ)`.
+
+    Training loss: MSE + `l1_coefficient` * sparsity penalty, the penalty chosen by the config:
+
+    - `jumprelu_sparsity_loss_mode="step"`: mean over tokens of Σ_i H(pre_i - θ_i), the L0 count
+      with the Step STE, as SAELens computes it. It is deliberately not weighted by ‖W_dec,i‖:
+      with decoder rows free to change length, a weighted count falls when rows shrink while the
+      encoder and thresholds grow to match, which changes neither the count nor the
+      reconstruction, so training drifts that way instead of getting sparser (tried: decoder norms
+      fell to ~0.003 and L0 rose);
+    - `"tanh"`: mean over tokens of Σ_i tanh(jumprelu_tanh_scale · f_i ‖W_dec,i‖); here the
+      weighting is what makes the penalty invariant to that rescaling;
+    - `target_l0` set (overrides the mode): (L0 / target_l0 - 1)², L0 the STE step count averaged
+      over tokens.
+
+    Decoder rows are not renormalised during training (`normalize_decoder = False`), as in SAELens:
+    both penalties are unchanged by moving length between a latent's encoder and decoder, so there
+    is nothing to pin. `fold_W_dec_norm` moves the norms into the encoder and the thresholds when a
+    unit-norm decoder is wanted. There is no dead-latent auxiliary loss (`ghost_grad_loss` is 0).
+    """
+
+    normalize_decoder = False
+
+    def __init__(self, cfg: SAEConfig | LanguageModelSAERunnerConfig) -> None:
+        super().__init__(cfg)
+        init = torch.full((self.cfg.d_sae,), math.log(self.cfg.jumprelu_init_threshold), dtype=torch.float64)
+        self.log_threshold = nn.Parameter(init.to(self.device, _log_threshold_dtype(self.device)))
+
+    def validate_config(self) -> None:
+        cfg = self.cfg
+        if cfg.jumprelu_sparsity_loss_mode not in SPARSITY_LOSS_MODES:
+            raise SAELensError(
+                f"jumprelu_sparsity_loss_mode must be one of {', '.join(SPARSITY_LOSS_MODES)}; "
+                f"got {cfg.jumprelu_sparsity_loss_mode!r}"
+            )
+        for name in ("jumprelu_bandwidth", "jumprelu_init_threshold"):
+            if not getattr(cfg, name) > 0:
+                raise SAELensError(f"{name} must be positive, got {getattr(cfg, name)!r}")
+        if cfg.target_l0 is not None and not cfg.target_l0 > 0:
+            raise SAELensError(f"target_l0 must be positive or unset, got {cfg.target_l0!r}")
+
+    # -- threshold ------------------------------------------------------------------------------
+
+    @property
+    def threshold(self) -> torch.Tensor:
+        """Per-latent threshold θ = exp(log_threshold) `[d_sae]`, in the weights' dtype (differentiable)."""
+        return torch.exp(self.log_threshold).to(self.W_dec.dtype)
+
+    @property
+    def bandwidth(self) -> float:
+        """The STE bandwidth ε."""
+        return self.cfg.jumprelu_bandwidth
+
+    # -- forward --------------------------------------------------------------------------------
+
+    def activation(self, hidden_pre: torch.Tensor) -> torch.Tensor:
+        """JumpReLU `pre * H(pre - θ)` (no ReLU shift: a firing latent outputs its pre-activation)."""
+        return jumprelu(hidden_pre, self.threshold, self.bandwidth)
+
+    # -- training -------------------------------------------------------------------------------
+
+    def training_forward_pass(
+        self,
+        x: torch.Tensor,
+        dead_neuron_mask: torch.Tensor | None = None,
+        l1_coefficient: float | None = None,
+    ) -> TrainStepOutput:
+        """MSE plus the weighted sparsity penalty (see the class docstring); `dead_neuron_mask` is unused."""
+        hidden_pre = self.encode_pre(x)
+        feature_acts = self.hook_hidden_post(self.activation(hidden_pre))
+        sae_out = self.decode(feature_acts)
+        mse_loss = per_token_squared_error(sae_out, x).mean()
+        coefficient = self.cfg.l1_coefficient if l1_coefficient is None else l1_coefficient
+        l1_loss = coefficient * self.sparsity_penalty(feature_acts, hidden_pre)
+        zero = torch.zeros((), dtype=mse_loss.dtype, device=mse_loss.device)
+        return TrainStepOutput(sae_out, feature_acts, mse_loss + l1_loss, mse_loss, l1_loss, zero)
+
+    def sparsity_penalty(
+        self, feature_acts: torch.Tensor, hidden_pre: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The unweighted sparsity penalty (before `l1_coefficient`) for latents `[batch, d_sae]`.
+
+        The step and target-L0 forms need `hidden_pre` for the threshold's STE gradient; without it
+        they count `feature_acts != 0` (same value, no gradient).
+        """
+        if hidden_pre is None:
+            fired = (feature_acts != 0).to(feature_acts.dtype)
+        else:
+            fired = step(hidden_pre, self.threshold, self.bandwidth)
+        if self.cfg.target_l0 is not None:
+            l0 = fired.sum(dim=-1).mean()
+            return (l0 / self.cfg.target_l0 - 1) ** 2
+        if self.cfg.jumprelu_sparsity_loss_mode == "tanh":
+            scale = self.cfg.jumprelu_tanh_scale
+            return torch.tanh(scale * feature_acts * self.W_dec.norm(dim=-1)).sum(dim=-1).mean()
+        return fired.sum(dim=-1).mean()
+
+    # -- weight surgery -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def fold_W_dec_norm(self) -> None:
+        """Unit-norm decoder rows; the norms move into W_enc, b_enc and the thresholds (same outputs)."""
+        norms = self.W_dec.norm(dim=-1)
+        super().fold_W_dec_norm()
+        self.log_threshold.add_(torch.log(norms.to(self.log_threshold.dtype)))
+
+    # -- state dict: `threshold` outside, `log_threshold` inside ---------------------------------
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination.pop(prefix + "log_threshold", None)
+        if keep_vars:
+            destination[prefix + "threshold"] = self.threshold
+        else:
+            with torch.no_grad():
+                destination[prefix + "threshold"] = self.threshold
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        key = prefix + "threshold"
+        if key in state_dict:
+            threshold = state_dict.pop(key)
+            if (threshold < 0).any() or threshold.isnan().any():
+                raise SAELensError("JumpReLU thresholds must be non-negative (and not NaN)")
+            # A zero threshold becomes log_threshold = -inf, which exp maps back to exactly 0.
+            state_dict[prefix + "log_threshold"] = torch.log(threshold.to(self.log_threshold.dtype))
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
