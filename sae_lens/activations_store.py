@@ -84,7 +84,13 @@ class ActivationsStore:
         self.excluded_token_ids = torch.tensor(sorted(excluded), dtype=torch.long)
 
         self._rows = self.iter_token_rows()
-        self.eval_tokens = self.get_batch_tokens(n_eval_sequences) if n_eval_sequences else None
+        try:
+            self.eval_tokens = self.get_batch_tokens(n_eval_sequences) if n_eval_sequences else None
+        except DatasetExhausted:
+            raise SAELensError(
+                f"the dataset is too short: it does not fill one row of context_size={context_size} "
+                "tokens; use more data or a smaller context_size"
+            ) from None
         self._buffer: torch.Tensor | None = None
         self._batches: Iterator[torch.Tensor] | None = None
         self.tokens_served = 0
@@ -217,7 +223,12 @@ class ActivationsStore:
     def _iter_batches(self) -> Iterator[torch.Tensor]:
         """The buffer: shuffle, serve half, refill that half with new activations, repeat."""
         size = self.n_batches_in_buffer * self.train_batch_size
-        buffer = self._fill(size)
+        try:
+            buffer = self._fill(size)
+        except DatasetExhausted:
+            # DatasetExhausted is a StopIteration: raised inside this generator it would become a
+            # RuntimeError (PEP 479). Ending the generator lets next_batch raise it instead.
+            return
         exhausted = buffer.shape[0] < size
         while True:
             buffer = buffer[torch.randperm(buffer.shape[0], generator=self.generator).to(buffer.device)]

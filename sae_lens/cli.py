@@ -25,7 +25,15 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         if "unrecognized arguments" in message:
-            flags = [a for a in self._option_string_actions if a.startswith("--")]
+            # Unknown flags of a subcommand surface here, in the top-level parser: search the
+            # subcommands' flags too, or `--lrr` would never suggest `train`'s `--lr`.
+            parsers = [self] + [
+                sub
+                for action in self._actions
+                if isinstance(action, argparse._SubParsersAction)
+                for sub in action.choices.values()
+            ]
+            flags = [a for p in parsers for a in p._option_string_actions if a.startswith("--")]
             bad = message.split(":", 1)[1].split()[0].split("=")[0]
             close = difflib.get_close_matches(bad, flags, n=1)
             hint = f"; did you mean {close[0]}?" if close else ""

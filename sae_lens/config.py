@@ -325,7 +325,9 @@ def coerce_field(cls: type, name: str, value: Any) -> Any:
     if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
         if type(None) in typing.get_args(annotation):
             return None
-        raise SAELensError(f"{name} cannot be empty")
+        # "none" is a real value of some str fields (normalize_activations), not an empty one.
+        if value is None or allowed is not str:
+            raise SAELensError(f"{name} cannot be empty")
     try:
         if allowed is bool:
             if isinstance(value, bool):

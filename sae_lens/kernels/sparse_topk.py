@@ -7,33 +7,46 @@ A TopK SAE computes::
     x_hat = acts @ W_dec + b_dec               # [B, d_in]
 
 The dense formulation pays for a dense ``[B, d_sae] @ [d_sae, d_in]`` decode
-matmul and for three more dense matmuls in the backward pass (grad of
-``W_enc``, of the encoder input and of ``W_dec``), although only ``k`` of the
-``d_sae`` latents of each token are non-zero. The functions here keep the
+matmul and for four more dense matmuls in the backward pass (grads of the
+activations, of ``W_dec``, of ``W_enc`` and of the encoder input), although
+only ``k`` of the ``d_sae`` latents of each token are non-zero. The functions here keep the
 activations in a ``(values [B, k], indices [B, k])`` form and express every
 product that touches them as a sparse-times-dense product, so only the
 encoder forward matmul stays dense.
 
-Implementation choices (measured on a 2-core AVX-512 CPU with
-``B=4096, d_in=512, d_sae=8192, k=32``, float32; see
-``benchmarks/bench_sparse_topk.py``):
+Implementation choices (measured with ``benchmarks/bench_sparse_topk.py`` and
+per-op micro-benchmarks at ``B=4096, d_in=512, d_sae=8192, k=32`` on a 2-core
+AVX-512 CPU and at ``B=16384, d_in=768, d_sae=32768, k=64`` on an H200):
 
-* The sparse products use ``torch.sparse_csr_tensor`` with one row per token
-  (``crow = arange(0, B*k+1, k)``, so building it is free) and the MKL /
-  cuSPARSE kernels behind ``@`` and ``torch.sparse.sampled_addmm``. This beat
-  chunked ``index_add_`` (about 1.3x slower), ``embedding_bag`` used through
-  autograd (its ``per_sample_weights`` backward is ~10x slower on CPU) and a
-  gather + ``bmm`` (materialises ``[B, k, d_in]``).
-* ``grad_W_enc`` is formed as ``csr.t() @ sae_in`` -> ``[d_sae, d_in]`` and then
-  transposed into a contiguous ``[d_in, d_sae]`` tensor: spmm plus the copy is
-  faster than the ``sae_in.T @ csr`` product that yields the layout directly.
+* The sparse products treat the activations as a CSR matrix ``S [B, d_sae]``
+  with one row per token (``crow = arange(0, B*k+1, k)``, so building it costs
+  nothing) and use the MKL / cuSPARSE kernels behind ``@`` and
+  ``torch.sparse.sampled_addmm``; ``embedding_bag`` is used where it measured
+  faster. Per op (the "auto" backend):
+
+  - ``S.T @ rows`` (``grad_W_enc``, ``grad_W_dec``): ``csr.t() @ rows``
+    everywhere. Chunked ``index_add_`` was ~1.5x slower on CPU and ~7x on
+    CUDA, ``rows.T @ S`` (which yields ``grad_W_enc``'s layout directly)
+    ~1.5x slower on CPU even counting the transposing copy we then need.
+  - ``S @ table`` (decode forward, ``grad_sae_in``): ``embedding_bag`` on CPU
+    (~15% faster than MKL spmm), cuSPARSE spmm on CUDA (~3x faster than
+    ``embedding_bag``). Letting autograd differentiate ``embedding_bag`` is no
+    option: its ``per_sample_weights`` backward made the decoder's fwd+bwd
+    ~8x slower on CPU than these kernels.
+  - ``rows @ table.T`` sampled at the active entries (``grad_values`` of the
+    decoder): MKL SDDMM on CPU (~6x faster than gather + ``bmm``), gather +
+    ``bmm`` on CUDA (~3.5x faster than cuSPARSE SDDMM, and it runs in bf16).
+
 * The encoder forward runs ``addmm`` + ``topk`` over row chunks, so the
-  ``[B, d_sae]`` pre-activation matrix is never materialised at once (less
-  memory, and slightly faster on CPU because each chunk stays in cache).
+  ``[B, d_sae]`` pre-activation matrix is never materialised at once: less
+  memory, and ~15% faster on CPU because each chunk stays in cache (on CUDA
+  the chunks are large enough to cost within noise of one full-batch call).
+  On CUDA the top-k itself is an exact two-stage selection (see
+  :func:`_topk_rows`), 2.5-3x faster than ``torch.topk`` over wide rows.
 
-The MKL CSR kernels only support float32 / float64 (CPU ``bfloat16`` /
-``float16`` raise), so other dtypes use an index-based fallback
-(``index_add_``, ``embedding_bag``, gather + ``bmm``) that works everywhere.
+Kernels that lack a dtype (MKL has no half-precision sparse kernels, neither
+backend has a half-precision SDDMM) fall back to ``index_add_`` /
+``embedding_bag`` / gather + ``bmm``, which run for every dtype and device.
 """
 
 from __future__ import annotations
@@ -47,29 +60,49 @@ from torch.autograd.function import once_differentiable
 
 __all__ = ["dense_from_sparse", "sparse_decode", "sparse_topk_encode"]
 
-# Which implementation of the sparse products to use. "auto" picks CSR where
-# the backend supports the dtype, else the index fallback. Tests set this to
-# force one path.
+# Which implementations of the sparse products to use:
+# "auto":  the fastest measured choice per op, device and dtype (see below);
+# "csr":   sparse-matrix kernels (MKL / cuSPARSE) wherever they support the
+#          dtype and device;
+# "index": never sparse-matrix kernels, only embedding_bag / index_add_ /
+#          gather + bmm, which work for every dtype and device.
+# Tests set this to exercise every path.
 _BACKEND: Literal["auto", "csr", "index"] = "auto"
 
 # Element budget of one [rows, d_sae] pre-activation chunk in the encoder
-# forward. On CPU ~4M elements (16 MiB in float32) was the fastest chunk in
-# measurements; on accelerators a larger chunk keeps the matmul efficient
-# while still bounding the transient memory.
+# forward. On CPU ~4M elements (16 MiB in float32, 512 rows at d_sae 8192)
+# was the fastest chunk (cache-resident, ~15% faster than one full-batch
+# addmm + topk). On accelerators a larger chunk keeps the matmul and topk
+# efficient while still bounding the transient memory.
 _CHUNK_ELEMS_CPU = 1 << 22
-_CHUNK_ELEMS_ACCEL = 1 << 26
+_CHUNK_ELEMS_ACCEL = 1 << 27
 
-# Element budget of the temporaries of the index fallback ([rows, k, d]).
-_FALLBACK_CHUNK_ELEMS = 1 << 22
+# Whether the encoder's row-wise top-k uses the exact two-stage selection of
+# _topk_rows, per device type. On an H200 it cut topk time 2.5-3x at
+# d_sae=32768 (whole sparse step: -13% fp32, -23% bf16). On CPU the chunked
+# encoder's topk works on cache-resident chunks and the gain vanished on a
+# quiet machine, while its ~10 extra parallel ops made it ~2x slower when
+# other processes compete for the 2 cores. Tests flip it to cover both.
+_TOPK_PREFILTER: dict[str, bool] = {"cpu": False, "cuda": True}
 
-_CSR_DTYPES = (torch.float32, torch.float64)
+# Element budget of the [rows, k, d] temporaries of the index fallback: small
+# on CPU to stay in cache, larger elsewhere to amortise kernel launches.
+_FALLBACK_CHUNK_ELEMS_CPU = 1 << 22
+_FALLBACK_CHUNK_ELEMS_ACCEL = 1 << 26
+
+# dtypes of the sparse x dense products (MKL has no CPU half kernels; cuSPARSE
+# has them).
+_SPMM_DTYPES = {
+    "cpu": (torch.float32, torch.float64),
+    "cuda": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
+}
+# dtypes of torch.sparse.sampled_addmm (no half types on either backend).
+_SDDMM_DTYPES = (torch.float32, torch.float64)
 
 
-def _use_csr(dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether the CSR kernels should be used for tensors of this dtype/device."""
-    if _BACKEND != "auto":
-        return _BACKEND == "csr"
-    return dtype in _CSR_DTYPES and device.type in ("cpu", "cuda")
+def _spmm_ok(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether ``csr @ dense`` / ``csr.t() @ dense`` run for this dtype/device."""
+    return _BACKEND != "index" and dtype in _SPMM_DTYPES.get(device.type, ())
 
 
 def _token_csr(indices: torch.Tensor, values: torch.Tensor, n_cols: int) -> torch.Tensor:
@@ -82,8 +115,11 @@ def _token_csr(indices: torch.Tensor, values: torch.Tensor, n_cols: int) -> torc
     n_rows, k = indices.shape
     crow = torch.arange(0, n_rows * k + 1, k, device=indices.device, dtype=indices.dtype)
     with warnings.catch_warnings():
-        # The "CSR support is in beta" warning is noise for this use.
+        # "CSR support is in beta" and (some torch versions, even with the
+        # explicit flag) "invariant checks are implicitly disabled" are noise
+        # here: the invariants hold by construction.
         warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support.*")
+        warnings.filterwarnings("ignore", message=".*Sparse invariant checks.*")
         return torch.sparse_csr_tensor(
             crow,
             indices.reshape(-1),
@@ -93,15 +129,18 @@ def _token_csr(indices: torch.Tensor, values: torch.Tensor, n_cols: int) -> torc
         )
 
 
-def _fallback_chunk_rows(k: int, d: int) -> int:
-    """Rows per chunk so that a ``[rows, k, d]`` temporary stays small."""
-    return max(1, _FALLBACK_CHUNK_ELEMS // max(1, k * d))
+def _fallback_chunk_rows(k: int, d: int, device: torch.device) -> int:
+    """Rows per chunk so that a ``[rows, k, d]`` temporary stays bounded."""
+    budget = _FALLBACK_CHUNK_ELEMS_CPU if device.type == "cpu" else _FALLBACK_CHUNK_ELEMS_ACCEL
+    return max(1, budget // max(1, k * d))
 
 
 def _scatter_rows(
     indices: torch.Tensor, weights: torch.Tensor, rows: torch.Tensor, n_out: int
 ) -> torch.Tensor:
     """``out[i] = sum_{t,j : indices[t,j] == i} weights[t,j] * rows[t]``.
+
+    This is ``S.T @ rows`` for the token-by-latent sparse matrix ``S``.
 
     Args:
         indices: ``[B, k]`` int64, sorted and distinct within each row.
@@ -113,18 +152,20 @@ def _scatter_rows(
         ``[n_out, d]`` contiguous, dtype of ``rows``. Used for ``grad_W_enc``
         (transposed afterwards) and ``grad_W_dec``.
     """
-    if _use_csr(rows.dtype, rows.device):
+    if _spmm_ok(rows.dtype, rows.device):
+        # Fastest measured on CPU (~1.5x chunked index_add_, ~1.5x the
+        # ``rows.T @ S`` form) and on CUDA (~7x index_add_, whose atomics
+        # collide on popular latents). S.t() is CSC; torch converts it.
         csr = _token_csr(indices, weights.to(rows.dtype), n_out)
-        # S.t() is [n_out, B] in CSC layout; torch converts it for spmm.
         return (csr.t() @ rows).contiguous()
     # Accumulate low-precision dtypes in float32: index_add_ adds in the
     # destination dtype, and bf16 sums of ~B*k/n_out terms lose precision.
     acc_dtype = torch.float32 if rows.element_size() < 4 else rows.dtype
     out = torch.zeros(n_out, rows.shape[1], dtype=acc_dtype, device=rows.device)
-    k = indices.shape[1]
-    step = _fallback_chunk_rows(k, rows.shape[1])
+    step = _fallback_chunk_rows(indices.shape[1], rows.shape[1], rows.device)
     for s in range(0, indices.shape[0], step):
         e = s + step
+        # [c, k, d] products, one row of `rows` per active latent.
         src = rows[s:e, None, :].to(acc_dtype) * weights[s:e, :, None].to(acc_dtype)
         out.index_add_(0, indices[s:e].reshape(-1), src.reshape(-1, rows.shape[1]))
     return out.to(rows.dtype)
@@ -132,6 +173,8 @@ def _scatter_rows(
 
 def _gather_rows(indices: torch.Tensor, weights: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """``out[t] = sum_j weights[t,j] * table[indices[t,j]]``.
+
+    This is ``S @ table`` for the token-by-latent sparse matrix ``S``.
 
     Args:
         indices: ``[B, k]`` int64, sorted and distinct within each row.
@@ -141,23 +184,25 @@ def _gather_rows(indices: torch.Tensor, weights: torch.Tensor, table: torch.Tens
     Returns:
         ``[B, d]``, dtype of ``table``.
     """
-    if _use_csr(table.dtype, table.device):
+    # Both branches want a row-major table: embedding_bag's strided path is
+    # ~25x slower on CPU, and cuSPARSE with a column-major operand was ~4x
+    # slower than a transposing copy followed by the row-major product.
+    table = table.contiguous()
+    use_spmm = _spmm_ok(table.dtype, table.device) and (_BACKEND == "csr" or table.device.type != "cpu")
+    if use_spmm:
+        # cuSPARSE spmm beat embedding_bag ~3x on an H200.
         csr = _token_csr(indices, weights.to(table.dtype), table.shape[0])
-        # MKL/cuSPARSE accept a column-major dense operand, so a transposed
-        # W_enc does not need to be copied first.
         return csr @ table
-    # embedding_bag's slow path for strided tables is ~25x slower than the
-    # contiguous one, so the copy pays for itself.
-    return F.embedding_bag(
-        indices,
-        table.contiguous(),
-        per_sample_weights=weights.to(table.dtype),
-        mode="sum",
-    )
+    # On CPU embedding_bag was ~15% faster than MKL's spmm (and it runs for
+    # every dtype).
+    return F.embedding_bag(indices, table, per_sample_weights=weights.to(table.dtype), mode="sum")
 
 
 def _sampled_dots(indices: torch.Tensor, rows: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """``out[t, j] = <rows[t], table[indices[t, j]]>``.
+
+    This is ``rows @ table.T`` sampled at the active entries, i.e. the
+    gradient w.r.t. the sparse values of ``S @ table``.
 
     Args:
         indices: ``[B, k]`` int64, sorted and distinct within each row.
@@ -165,10 +210,15 @@ def _sampled_dots(indices: torch.Tensor, rows: torch.Tensor, table: torch.Tensor
         table: ``[n, d]``.
 
     Returns:
-        ``[B, k]``, dtype of ``rows``. This is ``rows @ table.T`` sampled at
-        the active entries, i.e. the gradient w.r.t. the sparse values.
+        ``[B, k]``, dtype of ``rows``.
     """
-    if _use_csr(rows.dtype, rows.device) and table.dtype == rows.dtype:
+    table = table.to(rows.dtype)
+    sddmm = _BACKEND != "index" and rows.dtype in _SDDMM_DTYPES
+    if _BACKEND == "auto":
+        # MKL's SDDMM was ~6x faster than gather + bmm on CPU; on CUDA the
+        # gather + bmm below was ~3.5x faster than cuSPARSE's SDDMM.
+        sddmm = sddmm and rows.device.type == "cpu"
+    if sddmm:
         pattern = _token_csr(
             indices,
             torch.zeros(indices.shape, dtype=rows.dtype, device=rows.device),
@@ -177,14 +227,61 @@ def _sampled_dots(indices: torch.Tensor, rows: torch.Tensor, table: torch.Tensor
         # beta=0 ignores the pattern's values; only its sparsity is used.
         out = torch.sparse.sampled_addmm(pattern, rows, table.T, beta=0.0)
         return out.values().view(indices.shape)
-    k = indices.shape[1]
     out = torch.empty(indices.shape, dtype=rows.dtype, device=rows.device)
-    step = _fallback_chunk_rows(k, rows.shape[1])
+    step = _fallback_chunk_rows(indices.shape[1], rows.shape[1], rows.device)
     for s in range(0, indices.shape[0], step):
         e = s + step
-        gathered = table[indices[s:e]].to(rows.dtype)  # [c, k, d]
+        gathered = table[indices[s:e]]  # [c, k, d]
         out[s:e] = torch.bmm(gathered, rows[s:e, :, None]).squeeze(-1)
     return out
+
+
+def _prefilter_group_size(d_sae: int, k: int) -> int | None:
+    """Group size for :func:`_topk_rows`, or ``None`` when plain topk is better.
+
+    The selection costs ~``d_sae`` (group maxima) + ``d_sae / g`` (first topk)
+    + ``k * g`` (second topk) per row, minimised near ``g = sqrt(d_sae / k)``;
+    a power of two dividing ``d_sae`` is used. With ``k * g`` not well below
+    ``d_sae`` there is nothing to gain.
+    """
+    g = 1
+    while (g * 2) ** 2 <= d_sae // max(1, k) and d_sae % (g * 2) == 0:
+        g *= 2
+    if g < 4 or k * g * 4 > d_sae:
+        return None
+    return g
+
+
+def _topk_rows(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact row-wise ``topk(pre, k, sorted=False)`` for ``pre [n, d_sae]``.
+
+    ``torch.topk`` over wide rows is a large share of the encoder forward
+    (about half of the ``addmm`` time on CPU). This selects in two stages:
+    split each row into ``d_sae / g`` strided groups ``{j, j + d_sae/g, ...}``
+    of ``g`` latents, take the ``k`` groups with the largest maxima, and run
+    topk over only their ``k * g`` members. Exact: if ``tau`` is the k-th
+    largest group maximum, those ``k`` maxima are ``k`` distinct entries
+    ``>= tau``, so every top-``k`` entry is ``>= tau`` and lies in a chosen
+    group (among entries tied at ``tau`` the pick is arbitrary, as in topk).
+    Strided rather than contiguous groups make the group maxima an
+    element-wise max of ``g`` contiguous rows, which vectorises well.
+
+    Returns:
+        ``(values [n, k], indices [n, k] int64)``, in no particular order.
+    """
+    n, d_sae = pre.shape
+    g = _prefilter_group_size(d_sae, k) if _TOPK_PREFILTER.get(pre.device.type, False) else None
+    if g is None:
+        return torch.topk(pre, k, dim=-1, sorted=False)
+    n_groups = d_sae // g
+    # pre3[r, a, c] = pre[r, a * n_groups + c]; group c is column c.
+    pre3 = pre.view(n, g, n_groups)
+    top_groups = pre3.amax(dim=1).topk(k, dim=-1, sorted=False).indices  # [n, k]
+    cand = pre3.gather(2, top_groups[:, None, :].expand(n, g, k))  # [n, g, k]
+    values, flat = cand.reshape(n, g * k).topk(k, dim=-1, sorted=False)
+    # Position (a, j) in cand is latent a * n_groups + top_groups[j].
+    indices = (flat // k) * n_groups + top_groups.gather(1, flat % k)
+    return values, indices
 
 
 def _sort_rows(
@@ -237,7 +334,7 @@ class _SparseTopKEncode(torch.autograd.Function):
             e = min(n_tokens, s + chunk_rows)
             pre = torch.addmm(b_enc_cast, sae_in[s:e], W_enc, out=buf[: e - s])
             # Unsorted topk is enough: the latents are sorted by index below.
-            torch.topk(pre, k, dim=-1, sorted=False, out=(values[s:e], indices[s:e]))
+            values[s:e], indices[s:e] = _topk_rows(pre, k)
         # Canonical order: ascending latent index within each row. This is a
         # CSR invariant, so backward (and sparse_decode) can build the sparse
         # matrix without sorting again.
@@ -336,7 +433,7 @@ def sparse_topk_encode(
         k: number of active latents per token, ``1 <= k <= d_sae``.
         chunk_rows: tokens per ``addmm`` + ``topk`` chunk in the forward pass;
             ``None`` picks a size bounding the transient ``[rows, d_sae]``
-            buffer (~4M elements on CPU, ~64M elsewhere).
+            buffer (~4M elements on CPU, ~134M elsewhere).
 
     Returns:
         ``(values [..., k], indices [..., k] int64)``. Indices are sorted
