@@ -19,7 +19,6 @@ from safetensors.torch import save_file
 
 from sae_lens.kernels.sparse_batchtopk import (
     BatchTopKActs,
-    batchtopk_dense_from_sparse,
     sparse_batchtopk_encode,
     sparse_csr_decode,
 )
@@ -32,6 +31,7 @@ from sae_lens.saes.sae import (
     TrainStepOutput,
     per_token_squared_error,
     register_architecture,
+    sparse_feature_acts,
 )
 from sae_lens.saes.topk_sae import TopKSAE
 
@@ -118,7 +118,9 @@ class BatchTopKSAE(TopKSAE):
         sae_out = sparse_csr_decode(acts, self.W_dec, self.b_dec)
         mse_loss = per_token_squared_error(sae_out, x).mean()
         aux_loss = self._aux_loss(x, sae_in, sae_out, dead_neuron_mask, mse_loss)
-        feature_acts = batchtopk_dense_from_sparse(acts._replace(values=acts.values.detach()), self.cfg.d_sae)
+        feature_acts = sparse_feature_acts(
+            acts.rows, acts.indices, acts.values, acts.n_tokens, self.cfg.d_sae
+        )
         zero = torch.zeros_like(mse_loss)
         return TrainStepOutput(sae_out, feature_acts, mse_loss + aux_loss, mse_loss, zero, aux_loss)
 

@@ -15,9 +15,14 @@ import itertools
 import torch
 
 from sae_lens.errors import SAELensError
-from sae_lens.kernels.sparse_batchtopk import BatchTopKActs, batchtopk_dense_from_sparse, sparse_csr_decode
+from sae_lens.kernels.sparse_batchtopk import BatchTopKActs, sparse_csr_decode
 from sae_lens.saes.batchtopk_sae import BatchTopKSAE
-from sae_lens.saes.sae import TrainStepOutput, per_token_squared_error, register_architecture
+from sae_lens.saes.sae import (
+    TrainStepOutput,
+    per_token_squared_error,
+    register_architecture,
+    sparse_feature_acts,
+)
 
 
 def default_matryoshka_widths(d_sae: int) -> list[int]:
@@ -93,6 +98,8 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
         mse_loss = prefix_losses[-1]
         aux_loss = self._aux_loss(x, sae_in, sae_out, dead_neuron_mask, mse_loss)
         loss = torch.stack(prefix_losses).sum() + aux_loss
-        feature_acts = batchtopk_dense_from_sparse(acts._replace(values=acts.values.detach()), self.cfg.d_sae)
+        feature_acts = sparse_feature_acts(
+            acts.rows, acts.indices, acts.values, acts.n_tokens, self.cfg.d_sae
+        )
         zero = torch.zeros_like(mse_loss)
         return TrainStepOutput(sae_out, feature_acts, loss, mse_loss, zero, aux_loss)

@@ -161,7 +161,7 @@ class TrainStepOutput(NamedTuple):
     sae_out: torch.Tensor
     """Reconstruction `[batch, d_in]`."""
     feature_acts: torch.Tensor
-    """Latent activations `[batch, d_sae]`."""
+    """Latent activations `[batch, d_sae]`, detached; a sparse COO tensor for the TopK family."""
     loss: torch.Tensor
     """Scalar the optimiser minimises: mse_loss + l1_loss + ghost_grad_loss."""
     mse_loss: torch.Tensor
@@ -355,6 +355,28 @@ class SparseAutoencoder(HookedRootModule):
         from sae_lens.loading import load_sae_folder
 
         return load_sae_folder(path, device=device)
+
+
+def sparse_feature_acts(
+    rows: torch.Tensor, latents: torch.Tensor, values: torch.Tensor, n_tokens: int, d_sae: int
+) -> torch.Tensor:
+    """Latent activations as a sparse COO `[n_tokens, d_sae]` tensor (values detached).
+
+    The TopK family reports `feature_acts` this way in training: densifying them would write
+    n_tokens x d_sae floats per step, a cost the sparse kernels exist to avoid. Entries must come
+    sorted by (token, latent) and unique, which both kernels guarantee.
+    """
+    return torch.sparse_coo_tensor(
+        torch.stack([rows, latents]), values.detach(), (n_tokens, d_sae), is_coalesced=True
+    )
+
+
+def latent_fire_counts(feature_acts: torch.Tensor) -> torch.Tensor:
+    """How many tokens each latent fired on, `[d_sae]`, for dense or sparse COO `feature_acts`."""
+    if feature_acts.is_sparse:
+        latents = feature_acts._indices()[1][feature_acts._values() > 0]
+        return torch.bincount(latents, minlength=feature_acts.shape[1])
+    return (feature_acts > 0).sum(dim=0)
 
 
 def per_token_squared_error(sae_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

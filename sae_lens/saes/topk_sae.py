@@ -5,12 +5,13 @@ from __future__ import annotations
 import torch
 
 from sae_lens.errors import SAELensError
-from sae_lens.kernels import dense_from_sparse, sparse_decode, sparse_topk_encode
+from sae_lens.kernels import sparse_decode, sparse_topk_encode
 from sae_lens.saes.sae import (
     SparseAutoencoder,
     TrainStepOutput,
     per_token_squared_error,
     register_architecture,
+    sparse_feature_acts,
 )
 
 
@@ -66,7 +67,11 @@ class TopKSAE(SparseAutoencoder):
         aux_loss = torch.zeros((), dtype=mse_loss.dtype, device=mse_loss.device)
         if dead_neuron_mask is not None and self.cfg.aux_k_coefficient > 0 and dead_neuron_mask.any():
             aux_loss = self.cfg.aux_k_coefficient * self.aux_k_loss(x, sae_in, sae_out, dead_neuron_mask)
-        feature_acts = dense_from_sparse(values.detach(), indices, self.cfg.d_sae)
+        n_tokens, k = indices.shape
+        rows = torch.arange(n_tokens, device=indices.device).repeat_interleave(k)
+        feature_acts = sparse_feature_acts(
+            rows, indices.flatten(), values.flatten(), n_tokens, self.cfg.d_sae
+        )
         zero = torch.zeros_like(mse_loss)
         return TrainStepOutput(sae_out, feature_acts, mse_loss + aux_loss, mse_loss, zero, aux_loss)
 

@@ -21,7 +21,7 @@ from sae_lens.errors import SAELensError
 from sae_lens.evals import explained_variance
 from sae_lens.geometric_median import geometric_median
 from sae_lens.metrics_logger import MetricsLogger
-from sae_lens.saes.sae import SparseAutoencoder
+from sae_lens.saes.sae import SparseAutoencoder, latent_fire_counts
 from sae_lens.training.lr_schedules import build_lr_lambda
 
 Evaluator = Callable[[SparseAutoencoder, float], dict[str, Any]]
@@ -125,7 +125,7 @@ class SAETrainer:
         self.scheduler.step()
 
         with torch.no_grad():
-            fired_per_latent = (output.feature_acts > 0).sum(dim=0)
+            fired_per_latent = latent_fire_counts(output.feature_acts)
             self.fire_counts += fired_per_latent
             self.window_fire_counts += fired_per_latent
             self.steps_since_fired += 1
@@ -141,7 +141,7 @@ class SAETrainer:
                 "mse_loss": output.mse_loss.item(),
                 "l1_loss": output.l1_loss.item(),
                 "aux_loss": output.ghost_grad_loss.item(),
-                "l0": (output.feature_acts > 0).sum(dim=-1).float().mean().item(),
+                "l0": fired_per_latent.sum().item() / x.shape[0],
                 "explained_variance": explained_variance(x, output.sae_out),
                 "dead_fraction": dead_mask.float().mean().item(),
                 "lr": self.scheduler.get_last_lr()[0],

@@ -296,7 +296,7 @@ def test_training_forward_pass_hand_computed() -> None:
     sae = tiny_sae()
     out = sae.training_forward_pass(X)
     assert out.sae_out.tolist() == [[7.0, 2.0], [1.0, -1.0]]
-    assert out.feature_acts.tolist() == [[3.0, 0.0, 6.0, 0.0], [0.0, 0.0, 0.0, 0.0]]
+    assert out.feature_acts.to_dense().tolist() == [[3.0, 0.0, 6.0, 0.0], [0.0, 0.0, 0.0, 0.0]]
     # Squared errors: ‖[7, 2] - [4, 0]‖² = 13 and ‖[1, -1] - [2, -3]‖² = 5; mean 9.
     assert out.mse_loss.item() == 9.0 and out.loss.item() == 9.0
     assert out.l1_loss.item() == 0.0 and out.ghost_grad_loss.item() == 0.0
@@ -359,7 +359,7 @@ def test_training_forward_pass_matches_dense_with_aux_k() -> None:
     mse = (sae_out - x).pow(2).sum(-1).mean()
     aux = 0.5 * sae.aux_k_loss(x, sae.process_sae_in(x), sae_out, dead)
     want = torch.autograd.grad(mse + aux, list(sae.parameters()))
-    torch.testing.assert_close(out.feature_acts, acts.detach())
+    torch.testing.assert_close(out.feature_acts.to_dense(), acts.detach())
     torch.testing.assert_close(out.sae_out, sae_out)
     torch.testing.assert_close(out.mse_loss, mse)
     torch.testing.assert_close(out.ghost_grad_loss, aux)

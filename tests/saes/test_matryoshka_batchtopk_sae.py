@@ -55,7 +55,7 @@ def test_prefix_losses_by_hand(widths: list[int] | None, prefix_mses: list[float
     assert out.loss.item() == sum(prefix_mses)
     assert out.mse_loss.item() == 9.0  # the full width's
     assert out.sae_out.tolist() == [[7.0, 2.0], [1.0, -1.0]]
-    assert out.feature_acts.tolist() == [[3.0, 0.0, 6.0, 0.0], [0.0, 0.0, 0.0, 0.0]]
+    assert out.feature_acts.to_dense().tolist() == [[3.0, 0.0, 6.0, 0.0], [0.0, 0.0, 0.0, 0.0]]
     assert sae.threshold.tolist() == [3.0] * 4
 
 
