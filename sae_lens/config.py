@@ -170,6 +170,8 @@ class LanguageModelSAERunnerConfig:
     """dtype of the SAE's parameters."""
     model_dtype: str = "float32"
     """dtype the model runs in."""
+    autocast: bool = False
+    """Run the SAE's training forward and backward under torch.autocast in bfloat16 (weights and Adam stay in `dtype`)."""
 
     def __post_init__(self) -> None:
         self.validate()

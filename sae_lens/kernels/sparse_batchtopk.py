@@ -51,6 +51,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from sae_lens.kernels.autocast import autocast_inputs, autocast_off
+
 __all__ = [
     "BatchTopKActs",
     "batchtopk_dense_from_sparse",
@@ -417,7 +419,9 @@ def sparse_batchtopk_encode(
         raise ValueError(f"k must be in [1, {d_sae}], got {k}")
     if chunk_rows is not None and chunk_rows < 1:
         raise ValueError(f"chunk_rows must be positive, got {chunk_rows}")
-    values, indices, offsets, rows = _BatchTopKEncode.apply(sae_in, W_enc, b_enc, k, chunk_rows)
+    sae_in, W_enc, b_enc = autocast_inputs(sae_in, W_enc, b_enc)
+    with autocast_off(sae_in.device):
+        values, indices, offsets, rows = _BatchTopKEncode.apply(sae_in, W_enc, b_enc, k, chunk_rows)
     return BatchTopKActs(values, indices, offsets, rows)
 
 
@@ -427,7 +431,9 @@ def sparse_csr_decode(acts: BatchTopKActs, W_dec: torch.Tensor, b_dec: torch.Ten
     Differentiable w.r.t. ``acts.values``, ``W_dec`` and ``b_dec`` (``None``: no bias) without
     forming the dense activations; tokens with no entries decode to ``b_dec``.
     """
-    out = _CsrDecode.apply(acts.values, acts.indices, acts.offsets, acts.rows, W_dec)
+    values, W_dec = autocast_inputs(acts.values, W_dec)
+    with autocast_off(values.device):
+        out = _CsrDecode.apply(values, acts.indices, acts.offsets, acts.rows, W_dec)
     return out if b_dec is None else out + b_dec
 
 

@@ -58,6 +58,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from sae_lens.kernels.autocast import autocast_inputs, autocast_off
+
 __all__ = ["dense_from_sparse", "sparse_decode", "sparse_topk_encode"]
 
 # Which implementations of the sparse products to use:
@@ -453,7 +455,9 @@ def sparse_topk_encode(
     if chunk_rows is not None and chunk_rows < 1:
         raise ValueError(f"chunk_rows must be positive, got {chunk_rows}")
     lead = sae_in.shape[:-1]
-    values, indices = _SparseTopKEncode.apply(sae_in.reshape(-1, d_in), W_enc, b_enc, k, chunk_rows)
+    sae_in, W_enc, b_enc = autocast_inputs(sae_in, W_enc, b_enc)
+    with autocast_off(sae_in.device):
+        values, indices = _SparseTopKEncode.apply(sae_in.reshape(-1, d_in), W_enc, b_enc, k, chunk_rows)
     return values.view(*lead, k), indices.view(*lead, k)
 
 
@@ -483,7 +487,9 @@ def sparse_decode(
         raise ValueError(f"values {tuple(values.shape)} and indices {tuple(indices.shape)} differ")
     k = values.shape[-1]
     lead = values.shape[:-1]
-    out = _SparseDecode.apply(values.reshape(-1, k), indices.reshape(-1, k).long(), W_dec)
+    values, W_dec = autocast_inputs(values, W_dec)
+    with autocast_off(values.device):
+        out = _SparseDecode.apply(values.reshape(-1, k), indices.reshape(-1, k).long(), W_dec)
     return out.view(*lead, W_dec.shape[1]) + b_dec
 
 

@@ -52,7 +52,9 @@ class SAETrainer:
         self.logger = logger
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.show_progress = show_progress
-        self.optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
+        self.optimizer = torch.optim.Adam(
+            sae.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), fused=True
+        )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, build_lr_lambda(cfg))
         d_sae = sae.cfg.d_sae
         self.steps_since_fired = torch.zeros(d_sae, dtype=torch.long, device=sae.device)
@@ -114,7 +116,8 @@ class SAETrainer:
             self._check_batch(x)
         x = x.to(sae.device, sae.dtype) * self.input_scale
         dead_mask = self.steps_since_fired > self.cfg.dead_feature_window
-        output = sae.training_forward_pass(x, dead_mask, self.current_l1_coefficient())
+        with torch.autocast(sae.device.type, dtype=torch.bfloat16, enabled=self.cfg.autocast):
+            output = sae.training_forward_pass(x, dead_mask, self.current_l1_coefficient())
         self.optimizer.zero_grad(set_to_none=True)
         output.loss.backward()
         if sae.normalize_decoder:
