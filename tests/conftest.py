@@ -178,3 +178,18 @@ def tiny_corpus_text() -> str:
 def tiny_gpt2_tokens(tiny_gpt2: Any) -> torch.Tensor:
     """16 held-out rows of the tiny corpus (a different seed than training), `[16, 32]`."""
     return tiny_rows(tiny_gpt2.tokenizer, 16, seed=1)
+
+
+def _sparse_data(n: int, seed: int, d: int = 16, n_dirs: int = 32, p: float = 3 / 32) -> torch.Tensor:
+    """Sparse non-negative combinations of 32 fixed random unit directions in 16 dimensions."""
+    dirs = torch.randn(n_dirs, d, generator=torch.Generator().manual_seed(0))
+    dirs = dirs / dirs.norm(dim=-1, keepdim=True)
+    gen = torch.Generator().manual_seed(seed)
+    active = torch.rand(n, n_dirs, generator=gen) < p
+    return (active * (torch.rand(n, n_dirs, generator=gen) + 0.5)) @ dirs
+
+
+@pytest.fixture
+def sparse_data() -> Any:
+    """`sparse_data(n, seed)`: `[n, 16]` activations with a known sparse code, for training tests."""
+    return _sparse_data

@@ -51,7 +51,10 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from sae_lens.kernels.autocast import autocast_inputs, autocast_off
+from sae_lens.kernels.inputs import autocast_inputs, autocast_off, check_encoder_inputs
+
+# Chunk budgets and the dtypes the sparse products support are the same as for TopK.
+from sae_lens.kernels.sparse_topk import _CHUNK_ELEMS_ACCEL, _CHUNK_ELEMS_CPU, _SDDMM_DTYPES, _SPMM_DTYPES
 
 __all__ = [
     "BatchTopKActs",
@@ -64,18 +67,8 @@ __all__ = [
 # them for the dtype, else the index fallback) or "index" (always the fallback). Tests set this.
 _BACKEND: Literal["auto", "index"] = "auto"
 
-# Element budget of one [rows, d_sae] pre-activation chunk of the encoder forward (as in
-# sparse_topk: cache-sized on CPU, larger on accelerators).
-_CHUNK_ELEMS_CPU = 1 << 22
-_CHUNK_ELEMS_ACCEL = 1 << 27
 # Element budget of the [entries, d] temporaries of the index fallback.
 _FALLBACK_CHUNK_ELEMS = 1 << 22
-# dtypes of csr @ dense (MKL has no CPU half kernels) and of sampled_addmm.
-_SPMM_DTYPES = {
-    "cpu": (torch.float32, torch.float64),
-    "cuda": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
-}
-_SDDMM_DTYPES = (torch.float32, torch.float64)
 
 # How grad_W_enc / grad_W_dec build S.T: "sort" (own (latent, token) sort) or "torch" (csr.t()).
 _TRANSPOSE: Literal["sort", "torch"] = "sort"
@@ -408,17 +401,7 @@ def sparse_batchtopk_encode(
     """
     if sae_in.ndim != 2:
         raise ValueError(f"sae_in must be [n_tokens, d_in], got shape {tuple(sae_in.shape)}")
-    d_in, d_sae = W_enc.shape
-    if sae_in.shape[-1] != d_in:
-        raise ValueError(f"sae_in last dim {sae_in.shape[-1]} != W_enc rows {d_in}")
-    if b_enc.shape != (d_sae,):
-        raise ValueError(f"b_enc shape {tuple(b_enc.shape)} != ({d_sae},)")
-    if sae_in.dtype != W_enc.dtype:
-        raise ValueError(f"sae_in dtype {sae_in.dtype} != W_enc dtype {W_enc.dtype}")
-    if not 1 <= k <= d_sae:
-        raise ValueError(f"k must be in [1, {d_sae}], got {k}")
-    if chunk_rows is not None and chunk_rows < 1:
-        raise ValueError(f"chunk_rows must be positive, got {chunk_rows}")
+    check_encoder_inputs(sae_in, W_enc, b_enc, k, chunk_rows)
     sae_in, W_enc, b_enc = autocast_inputs(sae_in, W_enc, b_enc)
     with autocast_off(sae_in.device):
         values, indices, offsets, rows = _BatchTopKEncode.apply(sae_in, W_enc, b_enc, k, chunk_rows)

@@ -58,7 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from sae_lens.kernels.autocast import autocast_inputs, autocast_off
+from sae_lens.kernels.inputs import autocast_inputs, autocast_off, check_encoder_inputs
 
 __all__ = ["dense_from_sparse", "sparse_decode", "sparse_topk_encode"]
 
@@ -81,11 +81,11 @@ _CHUNK_ELEMS_ACCEL = 1 << 27
 
 # Whether the encoder's row-wise top-k uses the exact two-stage selection of
 # _topk_rows, per device type. On an H200 it cut topk time 2.5-3x at
-# d_sae=32768 (whole sparse step: -13% fp32, -23% bf16). On CPU the chunked
-# encoder's topk works on cache-resident chunks and the gain vanished on a
-# quiet machine, while its ~10 extra parallel ops made it ~2x slower when
-# other processes compete for the 2 cores. Tests flip it to cover both.
-_TOPK_PREFILTER: dict[str, bool] = {"cpu": False, "cuda": True}
+# d_sae=32768 (whole sparse step: -13% fp32, -23% bf16). On a quiet 2-core
+# CPU it halves topk on 512-row chunks (8 -> 4 ms at d_sae 8192, k 32) and
+# cuts the whole TopK step by ~15%; it loses only when other processes
+# compete for the cores. Tests flip it to cover both paths.
+_TOPK_PREFILTER: dict[str, bool] = {"cpu": True, "cuda": True}
 
 # Element budget of the [rows, k, d] temporaries of the index fallback: small
 # on CPU to stay in cache, larger elsewhere to amortise kernel launches.
@@ -442,18 +442,8 @@ def sparse_topk_encode(
         ascending within each row (not by activation size); they are distinct,
         so the pair can be fed straight to :func:`sparse_decode`.
     """
-    d_in, d_sae = W_enc.shape
-    if sae_in.shape[-1] != d_in:
-        raise ValueError(f"sae_in last dim {sae_in.shape[-1]} != W_enc rows {d_in}")
-    if b_enc.shape != (d_sae,):
-        raise ValueError(f"b_enc shape {tuple(b_enc.shape)} != ({d_sae},)")
-    if sae_in.dtype != W_enc.dtype:
-        # addmm(out=...) is not autocast, so mismatched dtypes would fail there.
-        raise ValueError(f"sae_in dtype {sae_in.dtype} != W_enc dtype {W_enc.dtype}")
-    if not 1 <= k <= d_sae:
-        raise ValueError(f"k must be in [1, {d_sae}], got {k}")
-    if chunk_rows is not None and chunk_rows < 1:
-        raise ValueError(f"chunk_rows must be positive, got {chunk_rows}")
+    check_encoder_inputs(sae_in, W_enc, b_enc, k, chunk_rows)
+    d_in = W_enc.shape[0]
     lead = sae_in.shape[:-1]
     sae_in, W_enc, b_enc = autocast_inputs(sae_in, W_enc, b_enc)
     with autocast_off(sae_in.device):

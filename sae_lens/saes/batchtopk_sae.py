@@ -117,25 +117,12 @@ class BatchTopKSAE(TopKSAE):
         sae_in, acts = self.encode_sparse(x)
         sae_out = sparse_csr_decode(acts, self.W_dec, self.b_dec)
         mse_loss = per_token_squared_error(sae_out, x).mean()
-        aux_loss = self._aux_loss(x, sae_in, sae_out, dead_neuron_mask, mse_loss)
+        aux_loss = self.weighted_aux_k_loss(x, sae_in, sae_out, dead_neuron_mask, mse_loss)
         feature_acts = sparse_feature_acts(
             acts.rows, acts.indices, acts.values, acts.n_tokens, self.cfg.d_sae
         )
         zero = torch.zeros_like(mse_loss)
         return TrainStepOutput(sae_out, feature_acts, mse_loss + aux_loss, mse_loss, zero, aux_loss)
-
-    def _aux_loss(
-        self,
-        x: torch.Tensor,
-        sae_in: torch.Tensor,
-        sae_out: torch.Tensor,
-        dead_neuron_mask: torch.Tensor | None,
-        like: torch.Tensor,
-    ) -> torch.Tensor:
-        """The weighted AuxK loss on dead latents (TopKSAE's), or 0 when none are dead."""
-        if dead_neuron_mask is None or self.cfg.aux_k_coefficient <= 0 or not dead_neuron_mask.any():
-            return torch.zeros_like(like)
-        return self.cfg.aux_k_coefficient * self.aux_k_loss(x, sae_in, sae_out, dead_neuron_mask)
 
     # -- weight surgery -------------------------------------------------------------------------
 

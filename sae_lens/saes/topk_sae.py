@@ -64,9 +64,7 @@ class TopKSAE(SparseAutoencoder):
         values, indices = sparse_topk_encode(sae_in, self.W_enc, self.b_enc, self.k)
         sae_out = sparse_decode(values, indices, self.W_dec, self.b_dec)
         mse_loss = per_token_squared_error(sae_out, x).mean()
-        aux_loss = torch.zeros((), dtype=mse_loss.dtype, device=mse_loss.device)
-        if dead_neuron_mask is not None and self.cfg.aux_k_coefficient > 0 and dead_neuron_mask.any():
-            aux_loss = self.cfg.aux_k_coefficient * self.aux_k_loss(x, sae_in, sae_out, dead_neuron_mask)
+        aux_loss = self.weighted_aux_k_loss(x, sae_in, sae_out, dead_neuron_mask, mse_loss)
         n_tokens, k = indices.shape
         rows = torch.arange(n_tokens, device=indices.device).repeat_interleave(k)
         feature_acts = sparse_feature_acts(
@@ -74,6 +72,19 @@ class TopKSAE(SparseAutoencoder):
         )
         zero = torch.zeros_like(mse_loss)
         return TrainStepOutput(sae_out, feature_acts, mse_loss + aux_loss, mse_loss, zero, aux_loss)
+
+    def weighted_aux_k_loss(
+        self,
+        x: torch.Tensor,
+        sae_in: torch.Tensor,
+        sae_out: torch.Tensor,
+        dead_neuron_mask: torch.Tensor | None,
+        like: torch.Tensor,
+    ) -> torch.Tensor:
+        """`aux_k_coefficient` * AuxK, or a zero shaped like `like` when no latent is dead."""
+        if dead_neuron_mask is None or self.cfg.aux_k_coefficient <= 0 or not dead_neuron_mask.any():
+            return torch.zeros_like(like)
+        return self.cfg.aux_k_coefficient * self.aux_k_loss(x, sae_in, sae_out, dead_neuron_mask)
 
     def aux_k_loss(
         self,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -438,27 +437,8 @@ def test_fold_activation_norm_scaling_factor_keeps_outputs() -> None:
 # -- training -----------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """Tiny matmuls run faster on one thread, and much faster when the machine is busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def sparse_data(n: int, seed: int, d: int = 16, n_dirs: int = 32, p: float = 3 / 32) -> torch.Tensor:
-    """Sparse non-negative combinations of 32 fixed random unit directions in 16 dimensions."""
-    dirs = torch.randn(n_dirs, d, generator=torch.Generator().manual_seed(0))
-    dirs = dirs / dirs.norm(dim=-1, keepdim=True)
-    gen = torch.Generator().manual_seed(seed)
-    active = torch.rand(n, n_dirs, generator=gen) < p
-    return (active * (torch.rand(n, n_dirs, generator=gen) + 0.5)) @ dirs
-
-
-@pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("target_l0", [None, 4.0])
-def test_training_learns_a_sparse_code(target_l0: float | None) -> None:
+def test_training_learns_a_sparse_code(target_l0: float | None, sparse_data: Any) -> None:
     steps, batch = 300, 256
     cfg = LanguageModelSAERunnerConfig(
         architecture="jumprelu",

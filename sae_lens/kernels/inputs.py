@@ -1,4 +1,4 @@
-"""Running the custom autograd kernels under `torch.autocast`.
+"""What every encoder kernel does to its inputs first: validate them, and cast them for autocast.
 
 Autocast does not reach inside an `autograd.Function`: its forward would see float32 inputs yet
 bf16 results from the autocast matmuls, and mixed dtypes break the sparse ops. So the kernels'
@@ -28,3 +28,21 @@ def autocast_off(device: torch.device) -> Iterator[None]:
     """Disable autocast for `device`'s type inside the block."""
     with torch.autocast(device_type=device.type, enabled=False):
         yield
+
+
+def check_encoder_inputs(
+    sae_in: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: int, chunk_rows: int | None
+) -> None:
+    """Shapes and dtypes of a sparse encoder's inputs, with errors naming the mismatch."""
+    d_in, d_sae = W_enc.shape
+    if sae_in.shape[-1] != d_in:
+        raise ValueError(f"sae_in last dim {sae_in.shape[-1]} != W_enc rows {d_in}")
+    if b_enc.shape != (d_sae,):
+        raise ValueError(f"b_enc shape {tuple(b_enc.shape)} != ({d_sae},)")
+    if sae_in.dtype != W_enc.dtype:
+        # The kernels' matmuls write into preallocated buffers, which autocast does not reach.
+        raise ValueError(f"sae_in dtype {sae_in.dtype} != W_enc dtype {W_enc.dtype}")
+    if not 1 <= k <= d_sae:
+        raise ValueError(f"k must be in [1, {d_sae}], got {k}")
+    if chunk_rows is not None and chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be positive, got {chunk_rows}")
