@@ -138,6 +138,8 @@ class LanguageModelSAERunnerConfig:
     """Steps between logs of the feature-density histogram."""
     dead_feature_window: int = 50
     """A latent that has not fired for this many steps is dead (ghost grads and AuxK act on it)."""
+    dead_feature_window_tokens: int | None = None
+    """The same window in tokens (e.g. 10_000_000 as in the TopK papers); overrides the step count."""
     dead_feature_threshold: float = 1e-8
     """Density below which a latent counts as dead in the logged dead fraction."""
     use_ghost_grads: bool = False
@@ -192,6 +194,13 @@ class LanguageModelSAERunnerConfig:
         return self.d_sae if self.d_sae is not None else self.expansion_factor * d_in
 
     @property
+    def dead_window_steps(self) -> int:
+        """Steps without firing after which a latent counts as dead."""
+        if self.dead_feature_window_tokens is not None:
+            return max(1, -(-self.dead_feature_window_tokens // self.train_batch_size))
+        return self.dead_feature_window
+
+    @property
     def total_training_steps(self) -> int:
         """Optimiser steps in the run."""
         return max(1, self.total_training_tokens // self.train_batch_size)
@@ -218,7 +227,7 @@ class LanguageModelSAERunnerConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise SAELensError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("d_in", "d_sae", "aux_k"):
+        for name in ("d_in", "d_sae", "aux_k", "dead_feature_window_tokens"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value <= 0):
                 raise SAELensError(f"{name} must be a positive integer or unset, got {value!r}")

@@ -211,3 +211,21 @@ def test_empty_yaml_gives_defaults(tmp_path: Path) -> None:
     path = tmp_path / "empty.yaml"
     path.write_text("")
     assert Cfg.from_yaml(path) == Cfg()
+
+
+def test_dead_window_in_tokens_overrides_steps() -> None:
+    assert Cfg(dead_feature_window=7).dead_window_steps == 7
+    # 10_000 tokens at 1024 per step: dead after ceil(10000 / 1024) = 10 steps without firing.
+    assert Cfg(train_batch_size=1024, dead_feature_window_tokens=10_000).dead_window_steps == 10
+    with pytest.raises(SAELensError, match="dead_feature_window_tokens"):
+        Cfg(dead_feature_window_tokens=0)
+
+
+def test_configuration_docs_cover_every_field() -> None:
+    """docs/configuration.md is generated from the dataclass; it must not fall behind it."""
+    from dataclasses import fields
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "docs" / "configuration.md").read_text()
+    missing = [f.name for f in fields(Cfg) if f"`{f.name}`" not in text]
+    assert not missing, f"run `python docs/gen_configuration.py`; undocumented: {missing}"
