@@ -189,7 +189,33 @@ def _sparse_data(n: int, seed: int, d: int = 16, n_dirs: int = 32, p: float = 3 
     return (active * (torch.rand(n, n_dirs, generator=gen) + 0.5)) @ dirs
 
 
+def _train_on_sparse_data(
+    cfg: Any, steps: int = 300, batch: int = 256
+) -> tuple[Any, dict[str, float], dict[str, float]]:
+    """Build the SAE `cfg` names (seed 0), train it `steps` steps on `_sparse_data`, and return
+    `(sae, before, after)` with held-out explained variance and L0 before and after training."""
+    from sae_lens import SAETrainer, SparseAutoencoder
+    from sae_lens.evals import explained_variance
+
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(cfg)
+    held_out = _sparse_data(2048, seed=10_000)
+
+    def measure() -> dict[str, float]:
+        with torch.no_grad():
+            return {
+                "ev": explained_variance(held_out, sae(held_out)),
+                "l0": (sae.encode(held_out) != 0).sum(-1).float().mean().item(),
+            }
+
+    before = measure()
+    trainer = SAETrainer(cfg, sae, show_progress=False)
+    trainer.fit(_sparse_data(batch, seed=step) for step in range(steps))
+    assert trainer.n_steps == steps
+    return sae, before, measure()
+
+
 @pytest.fixture
-def sparse_data() -> Any:
-    """`sparse_data(n, seed)`: `[n, 16]` activations with a known sparse code, for training tests."""
-    return _sparse_data
+def train_on_sparse_data() -> Any:
+    """`train_on_sparse_data(cfg) -> (sae, before, after)`; see `_train_on_sparse_data`."""
+    return _train_on_sparse_data
