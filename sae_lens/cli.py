@@ -84,8 +84,15 @@ def config_from_args(args: argparse.Namespace) -> LanguageModelSAERunnerConfig:
 
 def run_train(args: argparse.Namespace) -> int:
     """Train, then print the summary. Returns the exit code."""
+    import datasets
+    import transformers
+
     from sae_lens.runner import train_sae
 
+    # Library progress bars (weight loading, dataset saving) would sit between our own lines on
+    # stderr and bury a one-line error; the CLI shows its own training progress bar instead.
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
     cfg = config_from_args(args)
     print(
         f"Training a {cfg.architecture} SAE on {cfg.model_name} {cfg.hook_point} "
