@@ -198,12 +198,15 @@ class ActivationsStore:
             acts = acts.flatten(-2)
         return acts
 
-    def _next_flat_activations(self) -> torch.Tensor:
-        """Activations of the next store batch, `[n_kept_tokens, d_in]`, excluded tokens dropped."""
-        tokens = self.get_batch_tokens()
+    def kept_activations(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Activations of `tokens` `[rows, context]` as `[n_kept_tokens, d_in]`, excluded tokens dropped."""
         acts = self.get_activations(tokens)
         keep = ~torch.isin(tokens, self.excluded_token_ids).to(acts.device)
         return acts[keep].to(self.dtype)
+
+    def _next_flat_activations(self) -> torch.Tensor:
+        """Activations of the next store batch, `[n_kept_tokens, d_in]`."""
+        return self.kept_activations(self.get_batch_tokens())
 
     def _fill(self, n_tokens: int) -> torch.Tensor:
         """At least `n_tokens` new activations, or fewer if the dataset ends first."""

@@ -122,9 +122,9 @@ def train_sae(cfg: LanguageModelSAERunnerConfig, model: Any = None, show_progres
 
 def held_out_activations(store: ActivationsStore, tokens: torch.Tensor) -> torch.Tensor:
     """Activations of held-out rows `[n_tokens, d_in]`, with the store's excluded tokens dropped."""
-    acts = torch.cat([store.get_activations(tokens[i : i + 8]) for i in range(0, tokens.shape[0], 8)])
-    keep = ~torch.isin(tokens, store.excluded_token_ids).to(acts.device)
-    return acts[keep].float()
+    return torch.cat(
+        [store.kept_activations(tokens[i : i + 8]) for i in range(0, tokens.shape[0], 8)]
+    ).float()
 
 
 def default_run_name(cfg: LanguageModelSAERunnerConfig, d_sae: int) -> str:

@@ -114,7 +114,9 @@ class SAETrainer:
         sae = self.sae
         if x.ndim != 2 or x.shape[1] != sae.cfg.d_in:
             self._check_batch(x)
-        x = x.to(sae.device, sae.dtype) * self.input_scale
+        x = x.to(sae.device, sae.dtype)
+        if self.input_scale != 1.0:  # no per-step copy of the batch when there is no scale
+            x = x * self.input_scale
         dead_mask = self.steps_since_fired > self.cfg.dead_window_steps
         with torch.autocast(sae.device.type, dtype=torch.bfloat16, enabled=self.cfg.autocast):
             output = sae.training_forward_pass(x, dead_mask, self.current_l1_coefficient())
