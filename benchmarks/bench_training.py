@@ -206,6 +206,8 @@ def measure_hf_fwd(spec: dict[str, Any]) -> dict[str, Any]:
     return harness.measure(step, spec)
 
 
+LIMIT_KINDS = ("model_fwd", "enc_matmul", "hf_fwd")
+
 OUR_KINDS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "sae": measure_sae,
     "e2e": measure_e2e,
@@ -221,6 +223,12 @@ def worker_main(spec_json: str) -> int:
 
     spec = json.loads(spec_json)
     spec["impl"] = "ours"
+    if spec["kind"] in LIMIT_KINDS and spec["device"] == "cpu":
+        # Our trainer keeps freed memory for reuse on CPU (sae_lens.cpu_memory); the limits are
+        # measured under the same allocator setting, so they bound what the trainer can reach.
+        from sae_lens import cpu_memory
+
+        cpu_memory.reuse_freed_memory()
     info = {
         "sae_lens": harness.package_version("sae-lens"),
         "transformer_lens": harness.package_version("transformer-lens"),
@@ -260,9 +268,15 @@ def make_model_folder(folder: Path, spec: dict[str, Any]) -> None:
     GPT2LMHeadModel(config).save_pretrained(folder)
 
 
-def worker_env(threads: int, reference: bool) -> dict[str, str]:
+REUSE_ALLOCATOR_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)}
+"""glibc's environment spelling of what `sae_lens.cpu_memory.reuse_freed_memory` sets with mallopt;
+`--reference-allocator reuse` gives it to the reference for a like-for-like comparison."""
+
+
+def worker_env(threads: int, reference: bool, reuse_allocator: bool = False) -> dict[str, str]:
     """The environment of a worker: thread counts pinned; for the reference, our checkout is
-    taken off PYTHONPATH (its `sae_lens` would shadow the reference's)."""
+    taken off PYTHONPATH (its `sae_lens` would shadow the reference's), and with `reuse_allocator`
+    glibc keeps freed memory as our trainer has it do."""
     env = dict(os.environ)
     env.update(
         OMP_NUM_THREADS=str(threads),
@@ -270,6 +284,8 @@ def worker_env(threads: int, reference: bool) -> dict[str, str]:
         TOKENIZERS_PARALLELISM="false",
         PYTHONWARNINGS="ignore",
     )
+    if reuse_allocator:
+        env.update(REUSE_ALLOCATOR_ENV)
     if reference and env.get("PYTHONPATH"):
         kept = [p for p in env["PYTHONPATH"].split(os.pathsep) if p and Path(p).resolve() != REPO_ROOT]
         env["PYTHONPATH"] = os.pathsep.join(kept)
@@ -330,7 +346,12 @@ class Driver:
             command = [sys.executable, str(Path(__file__).resolve()), "--worker"]
         else:
             command = [self.args.reference_python, str(BENCH_DIR / "reference_worker.py")]
-        env = worker_env(self.args.threads, reference=impl == "reference")
+        reference = impl == "reference"
+        env = worker_env(
+            self.args.threads,
+            reference,
+            reuse_allocator=reference and self.args.reference_allocator == "reuse",
+        )
         result = run_one(command, spec, env, self.args.timeout)
         result.setdefault("impl", impl)
         self.results.append(result)
@@ -439,6 +460,11 @@ class Driver:
         )
         for impl, version in versions.items():
             print(f"{impl}: {version}")
+        if args.reference_python and args.device == "cpu":
+            print(
+                "allocator: ours keeps freed memory for reuse (sae_lens.cpu_memory); reference: "
+                + ("the same, via MALLOC_* env" if args.reference_allocator == "reuse" else "glibc defaults")
+            )
         header = (
             f"{'arch':22s} {'setting':7s} {'ours tok/s':>10s} {'ref tok/s':>10s} {'ratio':>6s} "
             f"{'target':>7s} {'ours MB':>8s} {'ref MB':>8s} {'mem ok':>6s} {'of limit':>8s}"
@@ -492,6 +518,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--reference-sparse-topk",
         action="store_true",
         help="turn on the reference TopK's use_sparse_activations (off by default, as in its config)",
+    )
+    parser.add_argument(
+        "--reference-allocator",
+        choices=("default", "reuse"),
+        default="default",
+        help="'reuse' runs the reference with glibc keeping freed memory, as our CPU trainer does",
     )
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per worker process")
     parser.add_argument("--json", help="write the raw results and the summary to this file")

@@ -388,3 +388,30 @@ def test_cuda_matches_cpu(backend: str, dtype: torch.dtype) -> None:
         scale = w.abs().max().item() + 1.0
         err = (g.double().cpu() - w).abs().max().item()
         assert err < (1e-4 if dtype == torch.float32 else 0.05) * scale, name
+
+
+def test_transposed_pattern_is_shared_and_rebuilt_when_indices_change() -> None:
+    """S.T @ rows for two weightings of one pattern (as the decoder and encoder backward do) uses
+    one cached pattern; an in-place change of the indices, even at the same address, rebuilds it."""
+    gen = torch.Generator().manual_seed(5)
+    B, k, d_sae, d = 9, 3, 11, 4
+    indices = torch.stack([torch.randperm(d_sae, generator=gen)[:k].sort().values for _ in range(B)])
+    rows = torch.randn(B, d, dtype=torch.float64, generator=gen)
+
+    def want(weights: torch.Tensor) -> torch.Tensor:
+        return dense_from_sparse(weights, indices, d_sae).T @ rows
+
+    first_weights, second_weights = (torch.randn(B, k, dtype=torch.float64, generator=gen) for _ in range(2))
+    first = sparse_topk_module._scatter_rows(indices, first_weights, rows, d_sae)
+    pattern = sparse_topk_module._transposed_pattern(indices, d_sae)
+    second = sparse_topk_module._scatter_rows(indices, second_weights, rows, d_sae)
+    assert sparse_topk_module._transposed_pattern(indices, d_sae) is pattern
+    torch.testing.assert_close(first, want(first_weights))
+    torch.testing.assert_close(second, want(second_weights))
+
+    other = torch.stack([torch.randperm(d_sae, generator=gen)[:k].sort().values for _ in range(B)])
+    indices.copy_(other)  # same memory, new contents
+    assert sparse_topk_module._transposed_pattern(indices, d_sae) is not pattern
+    torch.testing.assert_close(
+        sparse_topk_module._scatter_rows(indices, first_weights, rows, d_sae), want(first_weights)
+    )

@@ -83,14 +83,13 @@ class BatchTopKSAE(TopKSAE):
 
     # -- training -------------------------------------------------------------------------------
 
-    def encode_sparse(self, x: torch.Tensor) -> tuple[torch.Tensor, BatchTopKActs]:
-        """`(sae_in, kept latents in CSR form)` for `x` `[batch, d_in]`; updates `threshold` in
-        training mode."""
-        sae_in = self.process_sae_in(x)
-        acts = sparse_batchtopk_encode(sae_in, self.W_enc, self.b_enc, self.k)
+    def encode_sparse(self, x: torch.Tensor) -> BatchTopKActs:
+        """The kept latents of `x` `[batch, d_in]` in CSR form; updates `threshold` in training mode."""
+        encoder_in, bias = self.sparse_encoder_inputs(x)
+        acts = sparse_batchtopk_encode(encoder_in, self.W_enc, bias, self.k)
         if self.training:
             self.update_threshold(acts.values)
-        return sae_in, acts
+        return acts
 
     @torch.no_grad()
     def update_threshold(self, kept_values: torch.Tensor) -> None:
@@ -114,10 +113,10 @@ class BatchTopKSAE(TopKSAE):
         l1_coefficient: float | None = None,
     ) -> TrainStepOutput:
         """Sparse BatchTopK forward: MSE plus AuxK on the latents marked dead. Hooks are bypassed."""
-        sae_in, acts = self.encode_sparse(x)
+        acts = self.encode_sparse(x)
         sae_out = sparse_csr_decode(acts, self.W_dec, self.b_dec)
         mse_loss = per_token_squared_error(sae_out, x).mean()
-        aux_loss = self.weighted_aux_k_loss(x, sae_in, sae_out, dead_neuron_mask, mse_loss)
+        aux_loss = self.weighted_aux_k_loss(x, sae_out, dead_neuron_mask, mse_loss)
         feature_acts = sparse_feature_acts(
             acts.rows, acts.indices, acts.values, acts.n_tokens, self.cfg.d_sae
         )

@@ -91,12 +91,12 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
         l1_coefficient: float | None = None,
     ) -> TrainStepOutput:
         """Sparse forward: the sum of the prefix MSEs plus AuxK (on the full-width residual)."""
-        sae_in, acts = self.encode_sparse(x)
+        acts = self.encode_sparse(x)
         reconstructions = self.prefix_reconstructions(acts)
         prefix_losses = [per_token_squared_error(r, x).mean() for r in reconstructions]
         sae_out = reconstructions[-1]
         mse_loss = prefix_losses[-1]
-        aux_loss = self.weighted_aux_k_loss(x, sae_in, sae_out, dead_neuron_mask, mse_loss)
+        aux_loss = self.weighted_aux_k_loss(x, sae_out, dead_neuron_mask, mse_loss)
         loss = torch.stack(prefix_losses).sum() + aux_loss
         feature_acts = sparse_feature_acts(
             acts.rows, acts.indices, acts.values, acts.n_tokens, self.cfg.d_sae

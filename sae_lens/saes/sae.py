@@ -252,8 +252,28 @@ class SparseAutoencoder(HookedRootModule):
         matmul through the encoder's input, a sixth of a dense SAE's training step.
         """
         x = self.hook_sae_in(x.to(self.dtype))
-        bias = self.b_enc - self.b_dec @ self.W_enc if self.cfg.apply_b_dec_to_input else self.b_enc
-        return self.hook_hidden_pre(linear(x, self.W_enc, bias))
+        return self.hook_hidden_pre(linear(x, self.W_enc, self.encoder_bias()))
+
+    def sparse_encoder_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(encoder input, bias)` for the sparse TopK-family kernels, which then skip the
+        gradient of their `[batch, d_in]` input.
+
+        The input is `x - b_dec` detached; its value is exact, so the kernel's `W_enc` gradient
+        (which multiplies the input) is exact. b_dec's gradient through the encoder,
+        `-W_enc @ dL/db_enc`, flows instead through a zero-valued bias term
+        `(b_dec.detach() - b_dec) @ W_enc.detach()`: the bias equals `b_enc` exactly and the
+        extra cost is one vector-matrix product rather than a `[batch, d_in]` gradient.
+        """
+        x = self.hook_sae_in(x.to(self.dtype))
+        if not self.cfg.apply_b_dec_to_input:
+            return x, self.b_enc
+        zero = (self.b_dec.detach() - self.b_dec) @ self.W_enc.detach()
+        return (x - self.b_dec).detach(), self.b_enc + zero
+
+    def encoder_bias(self) -> torch.Tensor:
+        """`b_enc - b_dec @ W_enc` (or `b_enc`): the bias that makes `x @ W_enc + bias` the
+        pre-activations of raw `x`, so no gradient has to flow through the encoder's input."""
+        return self.b_enc - self.b_dec @ self.W_enc if self.cfg.apply_b_dec_to_input else self.b_enc
 
     def activation(self, hidden_pre: torch.Tensor) -> torch.Tensor:
         """The architecture's nonlinearity; ReLU here."""

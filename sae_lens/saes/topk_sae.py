@@ -9,6 +9,7 @@ from sae_lens.kernels import sparse_decode, sparse_topk_encode
 from sae_lens.saes.sae import (
     SparseAutoencoder,
     TrainStepOutput,
+    linear,
     per_token_squared_error,
     register_architecture,
     sparse_feature_acts,
@@ -60,11 +61,11 @@ class TopKSAE(SparseAutoencoder):
 
         Hooks are bypassed here: the sparse path never materialises the dense pre-activations.
         """
-        sae_in = self.process_sae_in(x)
-        values, indices = sparse_topk_encode(sae_in, self.W_enc, self.b_enc, self.k)
+        encoder_in, bias = self.sparse_encoder_inputs(x)
+        values, indices = sparse_topk_encode(encoder_in, self.W_enc, bias, self.k)
         sae_out = sparse_decode(values, indices, self.W_dec, self.b_dec)
         mse_loss = per_token_squared_error(sae_out, x).mean()
-        aux_loss = self.weighted_aux_k_loss(x, sae_in, sae_out, dead_neuron_mask, mse_loss)
+        aux_loss = self.weighted_aux_k_loss(x, sae_out, dead_neuron_mask, mse_loss)
         n_tokens, k = indices.shape
         rows = torch.arange(n_tokens, device=indices.device).repeat_interleave(k)
         feature_acts = sparse_feature_acts(
@@ -76,7 +77,6 @@ class TopKSAE(SparseAutoencoder):
     def weighted_aux_k_loss(
         self,
         x: torch.Tensor,
-        sae_in: torch.Tensor,
         sae_out: torch.Tensor,
         dead_neuron_mask: torch.Tensor | None,
         like: torch.Tensor,
@@ -84,12 +84,11 @@ class TopKSAE(SparseAutoencoder):
         """`aux_k_coefficient` * AuxK, or a zero shaped like `like` when no latent is dead."""
         if dead_neuron_mask is None or self.cfg.aux_k_coefficient <= 0 or not dead_neuron_mask.any():
             return torch.zeros_like(like)
-        return self.cfg.aux_k_coefficient * self.aux_k_loss(x, sae_in, sae_out, dead_neuron_mask)
+        return self.cfg.aux_k_coefficient * self.aux_k_loss(x, sae_out, dead_neuron_mask)
 
     def aux_k_loss(
         self,
         x: torch.Tensor,
-        sae_in: torch.Tensor,
         sae_out: torch.Tensor,
         dead_neuron_mask: torch.Tensor,
     ) -> torch.Tensor:
@@ -102,7 +101,7 @@ class TopKSAE(SparseAutoencoder):
         dead = dead_neuron_mask.nonzero().squeeze(1)
         k_aux = min(self.cfg.aux_k or self.cfg.d_in // 2, dead.numel())
         residual = (x.to(sae_out.dtype) - sae_out).detach()
-        pre_dead = sae_in @ self.W_enc[:, dead] + self.b_enc[dead]
+        pre_dead = linear(x.to(self.dtype), self.W_enc[:, dead], self.encoder_bias()[dead])
         values, positions = pre_dead.topk(k_aux, dim=-1)
         residual_hat = sparse_decode(
             torch.relu(values), dead[positions], self.W_dec, torch.zeros_like(self.b_dec)

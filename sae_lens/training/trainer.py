@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from sae_lens import cpu_memory
 from sae_lens.config import LanguageModelSAERunnerConfig
 from sae_lens.errors import SAELensError
 from sae_lens.evals import explained_variance
@@ -66,11 +67,25 @@ class SAETrainer:
         self.n_tokens = 0
         self.last_eval: dict[str, Any] = {}
         self.ran_out_of_data = False
+        self._reuse_freed_memory()
 
     # -- the loop -------------------------------------------------------------------------------
 
     def fit(self, activation_batches: Iterable[torch.Tensor]) -> SparseAutoencoder:
         """Train until `total_training_tokens` or until the batches run out; returns the SAE."""
+        self._reuse_freed_memory()
+        try:
+            return self._fit(activation_batches)
+        finally:
+            # Hand the memory cached for the steps back to the OS (see cpu_memory).
+            cpu_memory.restore_default_allocator()
+
+    def _reuse_freed_memory(self) -> None:
+        # Without this every CPU step page-faults its working set back in (see cpu_memory).
+        if self.cfg.cpu_reuse_freed_memory and self.sae.device.type == "cpu":
+            cpu_memory.reuse_freed_memory()
+
+    def _fit(self, activation_batches: Iterable[torch.Tensor]) -> SparseAutoencoder:
         batches = iter(activation_batches)
         first = next(batches, None)
         if first is None:

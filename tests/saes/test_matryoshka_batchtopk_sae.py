@@ -61,7 +61,7 @@ def test_prefix_losses_by_hand(widths: list[int] | None, prefix_mses: list[float
 
 def test_prefix_reconstructions_by_hand() -> None:
     sae = tiny_sae([1, 3, 4])
-    _, acts = sae.encode_sparse(X)
+    acts = sae.encode_sparse(X)
     recons = sae.prefix_reconstructions(acts)
     assert [r.tolist() for r in recons] == [
         [[4.0, -1.0], [1.0, -1.0]],
@@ -97,7 +97,7 @@ def test_matches_dense_reference(widths: list[int]) -> None:
     acts = sae.encode_batchtopk(x)
     losses = [(acts[:, :m] @ sae.W_dec[:m] + sae.b_dec - x).pow(2).sum(-1).mean() for m in widths]
     full = acts @ sae.W_dec + sae.b_dec
-    aux = 0.25 * sae.aux_k_loss(x, sae.process_sae_in(x), full, dead)
+    aux = 0.25 * sae.aux_k_loss(x, full, dead)
     want = torch.autograd.grad(sum(losses) + aux, list(sae.parameters()))
     torch.testing.assert_close(out.loss, sum(losses) + aux)
     torch.testing.assert_close(out.mse_loss, losses[-1])
