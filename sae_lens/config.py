@@ -174,8 +174,8 @@ class LanguageModelSAERunnerConfig:
     """dtype the model runs in."""
     autocast: bool = False
     """Run the SAE's training forward and backward under torch.autocast in bfloat16 (weights and Adam stay in `dtype`)."""
-    cpu_reuse_freed_memory: bool = True
-    """On CPU with glibc, keep freed memory for reuse during training instead of page-faulting it back every step (see `sae_lens.cpu_memory`); restored at the end of training."""
+    cpu_reuse_freed_memory: bool | None = None
+    """On CPU with glibc, keep freed memory for reuse during training instead of page-faulting it back every step (`sae_lens.cpu_memory`; restored when training ends). Unset: on for the TopK family, off for architectures with dense `[batch, d_sae]` temporaries, where it is faster but raises peak memory by about half."""
 
     def __post_init__(self) -> None:
         self.validate()

@@ -129,6 +129,14 @@ def load_sae_folder(path: str | Path, device: str | None = None) -> SparseAutoen
         raw = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as error:
         raise SAELensError(f"{str(cfg_path)!r} is not valid JSON ({error.msg})") from None
+    # SAELens 6.x trains TopK SAEs with rescale_acts_by_decoder_norm=True by default and writes the
+    # flag into every such inference cfg.json. Its TopK inference then runs topk(pre * ‖W_dec_i‖)
+    # and decodes (acts / ‖W_dec_i‖) @ W_dec, which is exactly a plain TopK SAE whose W_enc columns
+    # and b_enc are scaled by the norms and whose decoder rows are made unit: so fold it here rather
+    # than refuse the folder. (Only its `topk` inference config has the flag; elsewhere it still fails.)
+    fold_decoder_norms = raw.get("architecture") == "topk" and bool(raw.get("rescale_acts_by_decoder_norm"))
+    if fold_decoder_norms:
+        raw = {key: value for key, value in raw.items() if key != "rescale_acts_by_decoder_norm"}
     cfg = sae_config_from_dict(raw)
     if device is not None:
         cfg.device = device
@@ -153,8 +161,22 @@ def load_sae_folder(path: str | Path, device: str | None = None) -> SparseAutoen
                 f"{name} in {str(folder)!r} has shape {tuple(tensor.shape)}, "
                 f"expected {tuple(expected[name].shape)} from cfg.json"
             )
+    if fold_decoder_norms:
+        state = fold_topk_decoder_norms(state)
     sae.load_state_dict({name: t.to(sae.dtype) for name, t in state.items()})
     return sae
+
+
+def fold_topk_decoder_norms(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """SAELens' `rescale_acts_by_decoder_norm` TopK weights -> the same SAE with unit decoder rows.
+
+    Done in float64 and cast back, so the fold adds no rounding beyond the file's own dtype.
+    """
+    W_enc, b_enc, W_dec = (state[name].double() for name in ("W_enc", "b_enc", "W_dec"))
+    # The same clamp SAELens applies when it folds these norms itself.
+    norms = W_dec.norm(dim=-1).clamp_min(1e-8)
+    folded = {"W_enc": W_enc * norms, "b_enc": b_enc * norms, "W_dec": W_dec / norms[:, None]}
+    return state | {name: tensor.to(state[name].dtype) for name, tensor in folded.items()}
 
 
 def load_sparsity(path: str | Path) -> torch.Tensor | None:

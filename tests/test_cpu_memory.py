@@ -92,9 +92,9 @@ def test_defaults_fault_every_page_back_in_and_reuse_faults_none() -> None:
     assert cpu_memory.release_freed_memory()
 
 
-def make_cfg(n_steps: int, **kw: Any) -> LanguageModelSAERunnerConfig:
+def make_cfg(n_steps: int, architecture: str = "topk", **kw: Any) -> LanguageModelSAERunnerConfig:
     return LanguageModelSAERunnerConfig(
-        architecture="topk",
+        architecture=architecture,
         hook_point="blocks.0.hook_resid_pre",
         d_in=8,
         d_sae=32,
@@ -117,10 +117,23 @@ def test_trainer_turns_it_on_for_cpu_and_fit_restores_the_defaults() -> None:
 
 
 @glibc_only
-def test_config_can_leave_the_allocator_alone() -> None:
-    cfg = make_cfg(n_steps=2, cpu_reuse_freed_memory=False)
+@pytest.mark.parametrize(
+    ("architecture", "setting", "expected"),
+    [
+        ("topk", False, False),
+        ("batchtopk", None, True),
+        # Dense [batch, d_sae] temporaries fragment a heap that keeps freed memory: off unless asked.
+        ("standard", None, False),
+        ("gated", None, False),
+        ("standard", True, True),
+    ],
+)
+def test_default_follows_the_architecture_and_config_overrides_it(
+    architecture: str, setting: bool | None, expected: bool
+) -> None:
+    cfg = make_cfg(n_steps=2, architecture=architecture, cpu_reuse_freed_memory=setting)
     SAETrainer(cfg, SparseAutoencoder(cfg), show_progress=False)
-    assert not cpu_memory.is_reusing_freed_memory()
+    assert cpu_memory.is_reusing_freed_memory() is expected
 
 
 def test_without_glibc_every_call_is_a_no_op(monkeypatch: pytest.MonkeyPatch) -> None:

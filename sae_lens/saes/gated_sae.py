@@ -19,6 +19,7 @@ from sae_lens.saes.sae import (
     SAEConfig,
     SparseAutoencoder,
     TrainStepOutput,
+    b_dec_gradient_path,
     per_token_squared_error,
     register_architecture,
 )
@@ -83,14 +84,16 @@ class GatedSAE(SparseAutoencoder):
         """(π_gate, π_mag) from one matmul, as `sae_in @ (W_enc * exp(r_mag)) = (sae_in @ W_enc) * exp(r_mag)`."""
         projection = sae_in @ self.W_enc
         pi_gate = projection + self.b_gate
-        pi_mag = self.hook_hidden_pre(projection * torch.exp(self.r_mag) + self.b_mag)
+        pi_mag = self.hook_hidden_pre(torch.addcmul(self.b_mag, projection, torch.exp(self.r_mag)))
         return pi_gate, pi_mag
 
     def _encode_parts(self, sae_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(feature_acts, π_gate)."""
         pi_gate, pi_mag = self._gate_and_magnitude_pre(sae_in)
         magnitudes = self.activation(pi_mag)
-        feature_acts = self.hook_hidden_post((pi_gate > 0).to(magnitudes.dtype) * magnitudes)
+        # where() keeps only a boolean mask for backward; multiplying by a float mask would keep a
+        # [batch, d_sae] float copy of it alive until the backward pass.
+        feature_acts = self.hook_hidden_post(torch.where(pi_gate > 0, magnitudes, 0.0))
         return feature_acts, pi_gate
 
     # -- training -------------------------------------------------------------------------------
@@ -110,8 +113,11 @@ class GatedSAE(SparseAutoencoder):
         coefficient = self.cfg.l1_coefficient if l1_coefficient is None else l1_coefficient
         l1_loss = coefficient * self.sparsity_penalty(torch.relu(pi_gate))
 
-        # The auxiliary path must not train b_dec, which π_gate depends on through `x - b_dec`.
-        pi_gate_aux = self.gate_pre(x - self.b_dec.detach()) if self.cfg.apply_b_dec_to_input else pi_gate
+        # The auxiliary path must not train b_dec, which π_gate depends on through `x - b_dec`. A
+        # zero-valued term cancels that gradient, instead of a second [batch, d_sae] matmul.
+        pi_gate_aux = pi_gate
+        if self.cfg.apply_b_dec_to_input:
+            pi_gate_aux = pi_gate + b_dec_gradient_path(self.b_dec, self.W_enc)
         via_gate = torch.relu(pi_gate_aux) @ self.W_dec.detach() + self.b_dec.detach()
         aux_loss = per_token_squared_error(via_gate, x).mean()
         loss = mse_loss + l1_loss + aux_loss

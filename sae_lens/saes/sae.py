@@ -188,6 +188,12 @@ class SparseAutoencoder(HookedRootModule):
     """Whether training keeps decoder rows at unit norm (and drops the gradient along them)."""
     uses_k: ClassVar[bool] = False
     """Whether the architecture reads `cfg.k` (the TopK family)."""
+    reuse_freed_cpu_memory: ClassVar[bool] = False
+    """Whether CPU training keeps freed memory for reuse by default (`sae_lens.cpu_memory`).
+
+    Off for architectures whose step allocates several dense `[batch, d_sae]` temporaries: kept
+    freed memory fragments around them and raises peak memory by ~55% (standard, 4096 x 8192:
+    693 -> 1,090 MB), for a ~1.4x faster step. `cfg.cpu_reuse_freed_memory` overrides it."""
 
     def __new__(cls, cfg: SAEConfig | LanguageModelSAERunnerConfig, *args: Any, **kwargs: Any):
         if cls is SparseAutoencoder:
@@ -260,15 +266,14 @@ class SparseAutoencoder(HookedRootModule):
 
         The input is `x - b_dec` detached; its value is exact, so the kernel's `W_enc` gradient
         (which multiplies the input) is exact. b_dec's gradient through the encoder,
-        `-W_enc @ dL/db_enc`, flows instead through a zero-valued bias term
-        `(b_dec.detach() - b_dec) @ W_enc.detach()`: the bias equals `b_enc` exactly and the
-        extra cost is one vector-matrix product rather than a `[batch, d_in]` gradient.
+        `-W_enc @ dL/db_enc`, flows instead through the bias, minus a zero-valued
+        `b_dec_gradient_path`: the bias equals `b_enc` exactly and the extra cost is one
+        vector-matrix product rather than a `[batch, d_in]` gradient.
         """
         x = self.hook_sae_in(x.to(self.dtype))
         if not self.cfg.apply_b_dec_to_input:
             return x, self.b_enc
-        zero = (self.b_dec.detach() - self.b_dec) @ self.W_enc.detach()
-        return (x - self.b_dec).detach(), self.b_enc + zero
+        return (x - self.b_dec).detach(), self.b_enc - b_dec_gradient_path(self.b_dec, self.W_enc)
 
     def encoder_bias(self) -> torch.Tensor:
         """`b_enc - b_dec @ W_enc` (or `b_enc`): the bias that makes `x @ W_enc + bias` the
@@ -388,6 +393,16 @@ class SparseAutoencoder(HookedRootModule):
         from sae_lens.loading import load_sae_folder
 
         return load_sae_folder(path, device=device)
+
+
+def b_dec_gradient_path(b_dec: torch.Tensor, W_enc: torch.Tensor) -> torch.Tensor:
+    """`(b_dec - b_dec.detach()) @ W_enc.detach()`: exactly zero, with gradient `W_enc` w.r.t. b_dec.
+
+    Adding it to pre-activations computed from `x - b_dec` cancels b_dec's gradient through them;
+    subtracting it from a bias gives b_dec the gradient it would get through `x - b_dec`. Either way
+    W_enc's own gradient is untouched and no `[batch, ...]` tensor is involved.
+    """
+    return (b_dec - b_dec.detach()) @ W_enc.detach()
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,9 @@ class TopKSAE(SparseAutoencoder):
     """
 
     uses_k = True
+    # The sparse kernels' temporaries are small and regular, so keeping freed memory costs little
+    # peak memory and saves page-faulting the step's working set back in (see cpu_memory).
+    reuse_freed_cpu_memory = True
 
     def validate_config(self) -> None:
         k = self.cfg.k

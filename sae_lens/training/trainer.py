@@ -82,7 +82,10 @@ class SAETrainer:
 
     def _reuse_freed_memory(self) -> None:
         # Without this every CPU step page-faults its working set back in (see cpu_memory).
-        if self.cfg.cpu_reuse_freed_memory and self.sae.device.type == "cpu":
+        wanted = self.cfg.cpu_reuse_freed_memory
+        if wanted is None:
+            wanted = self.sae.reuse_freed_cpu_memory
+        if wanted and self.sae.device.type == "cpu":
             cpu_memory.reuse_freed_memory()
 
     def _fit(self, activation_batches: Iterable[torch.Tensor]) -> SparseAutoencoder:
