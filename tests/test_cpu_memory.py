@@ -122,10 +122,11 @@ def test_trainer_turns_it_on_for_cpu_and_fit_restores_the_defaults() -> None:
     [
         ("topk", False, False),
         ("batchtopk", None, True),
-        # Dense [batch, d_sae] temporaries fragment a heap that keeps freed memory: off unless asked.
-        ("standard", None, False),
+        ("standard", None, True),
+        # Many dense [batch, d_sae] temporaries fragment a heap that keeps freed memory: off unless asked.
         ("gated", None, False),
-        ("standard", True, True),
+        ("jumprelu", None, False),
+        ("jumprelu", True, True),
     ],
 )
 def test_default_follows_the_architecture_and_config_overrides_it(

@@ -11,6 +11,7 @@ import torch
 from sae_lens.config import LanguageModelSAERunnerConfig
 from sae_lens.errors import SAELensError
 from sae_lens.saes import SAEConfig, SparseAutoencoder, StandardSAE, TopKSAE, registered_architectures
+from sae_lens.saes.sae import latent_fire_counts
 
 F64 = torch.float64
 
@@ -460,3 +461,56 @@ def test_sae_config_validation() -> None:
         SAEConfig(d_in=4, d_sae=0)
     with pytest.raises(SAELensError, match="dtype"):
         SAEConfig(d_in=4, d_sae=8, dtype="int8")
+
+
+@pytest.mark.parametrize("apply_b_dec_to_input", [True, False])
+def test_standard_fused_relu_step_matches_plain_autograd(apply_b_dec_to_input: bool) -> None:
+    """The standard step's in-place ReLU + column-sum kernel gives the losses and gradients of the
+    textbook formulation, with decoder rows of varied norm so the L1's W_dec gradient matters."""
+    sae = randomise(make_sae("standard", apply_b_dec_to_input=apply_b_dec_to_input), dec_scale=True)
+    x = rand_x(23, 6)
+    assert sae._fused_relu_ok(torch.zeros(2, 10, dtype=F64))
+    out = sae.training_forward_pass(x, l1_coefficient=0.7)
+    params = [sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec]
+    got = torch.autograd.grad(out.loss, params)
+
+    sae_in = x - sae.b_dec if apply_b_dec_to_input else x
+    acts = torch.relu(sae_in @ sae.W_enc + sae.b_enc)
+    recon = acts @ sae.W_dec + sae.b_dec
+    mse = ((recon - x) ** 2).sum(-1).mean()
+    l1 = 0.7 * (acts * sae.W_dec.norm(dim=-1)).sum(-1).mean()
+    want = torch.autograd.grad(mse + l1, params)
+    torch.testing.assert_close(out.feature_acts, acts)
+    torch.testing.assert_close(out.mse_loss, mse)
+    torch.testing.assert_close(out.l1_loss, l1)
+    for name, g, w in zip(["W_enc", "b_enc", "W_dec", "b_dec"], got, want, strict=True):
+        torch.testing.assert_close(g, w, msg=f"grad of {name} differs")
+
+
+def test_standard_step_with_a_latent_hook_keeps_the_pre_activations() -> None:
+    """A hook on hook_hidden_pre sees the pre-activations (negative values included): the in-place
+    ReLU is skipped when anything is hooked."""
+    sae = randomise(make_sae("standard"))
+    seen: list[torch.Tensor] = []
+    sae.hook_hidden_pre.add_hook(lambda tensor, hook: seen.append(tensor))
+    assert not sae._fused_relu_ok(torch.zeros(2, 10, dtype=F64))
+    x = rand_x(9, 6)
+    sae.training_forward_pass(x)
+    assert len(seen) == 1 and bool((seen[0] < 0).any())
+    sae.reset_hooks()
+    assert sae._fused_relu_ok(torch.zeros(2, 10, dtype=F64))
+
+
+def test_latent_fire_counts_dense_in_chunks_and_sparse() -> None:
+    """Counts of tokens with a positive activation per latent, for a batch spanning several of the
+    dense path's row chunks (2**22 elements each: 2 rows at this width) and for sparse COO input."""
+    d_sae = 1 << 21
+    gen = torch.Generator().manual_seed(4)
+    acts = torch.randn(5, d_sae, generator=gen).clamp_min(0)
+    acts[:, :3] = torch.tensor([[1.0, 0.0, 2.0]] * 5)  # latent 0 fires 5 times, latent 1 never
+    counts = latent_fire_counts(acts)
+    assert counts.dtype == torch.long
+    assert counts[:3].tolist() == [5, 0, 5]
+    assert torch.equal(counts, (acts > 0).sum(dim=0))
+    small = torch.tensor([[0.0, 2.0, 0.0], [1.0, 3.0, 0.0]])
+    assert latent_fire_counts(small.to_sparse()).tolist() == [1, 2, 0]
