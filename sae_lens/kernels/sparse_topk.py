@@ -116,56 +116,55 @@ def _token_csr(indices: torch.Tensor, values: torch.Tensor, n_cols: int) -> torc
     """
     n_rows, k = indices.shape
     crow = torch.arange(0, n_rows * k + 1, k, device=indices.device, dtype=indices.dtype)
-    return _csr(crow, indices.reshape(-1), values.reshape(-1), (n_rows, n_cols))
+    return _csr(crow, indices.reshape(-1), values.reshape(-1), n_cols)
 
 
-def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    """A CSR tensor whose invariants hold by construction (so they are not checked)."""
+def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, n_cols: int) -> torch.Tensor:
+    """The CSR matrix ``[len(crow) - 1, n_cols]``; its invariants hold by construction, so they
+    are not checked. Shared with ``sparse_batchtopk``."""
     with warnings.catch_warnings():
         # "CSR support is in beta" and (some torch versions, even with the
         # explicit flag) "invariant checks are implicitly disabled" are noise
         # here: the invariants hold by construction.
         warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support.*")
         warnings.filterwarnings("ignore", message=".*Sparse invariant checks.*")
-        return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
+        return torch.sparse_csr_tensor(crow, col, values, (crow.shape[0] - 1, n_cols), check_invariants=False)
 
 
-# The last pattern built by _transposed_pattern: (key, the indices tensor it came from, pattern).
+# The last pattern built by _transposed_pattern: (key, the latents tensor it came from, pattern).
 # Holding the tensor keeps its memory from being reused by another tensor that could then match
 # the key by accident.
-_last_transpose: (
-    tuple[tuple[Any, ...], torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None
-) = None
+_last_transpose: tuple[tuple[Any, ...], torch.Tensor, tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
-def _transposed_pattern(indices: torch.Tensor, n_out: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The sparsity pattern of ``S.T`` (latents by tokens) as CSR: ``(order, crow, col)``.
+def _transposed_pattern(latents: torch.Tensor, n_out: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The latent-major (``S.T``) order of sparse entries: ``(order, crow)``.
 
-    Entry ``order[e]`` of ``indices.reshape(-1)`` is the ``e``-th stored entry of ``S.T``; ``crow``
-    and ``col`` (token ids, ascending within each latent) are the CSR structure. One stable sort by
-    latent, about half the cost of torch's CSC-to-CSR conversion. A training step needs it twice
-    with the same indices (``grad_W_dec`` in the decoder's backward, ``grad_W_enc`` in the
-    encoder's), so the last one is cached, keyed by the tensor's memory, shape and version counter.
+    ``latents`` holds each entry's latent, entries in token order (``[B, k]`` for TopK, the flat
+    CSR column indices for BatchTopK). ``order`` lists the entries sorted by latent, ties kept in
+    token order (a stable sort), and ``crow`` is the row pointer of ``S.T``; the caller maps
+    ``order`` to token ids for the column indices. One sort, about half the cost of torch's
+    CSC-to-CSR conversion. A training step needs it twice with the same latents (``grad_W_dec`` in
+    the decoder's backward, ``grad_W_enc`` in the encoder's), so the last one is cached, keyed by
+    the tensor's memory, shape and version counter.
     """
     global _last_transpose
     key = (
-        indices.untyped_storage().data_ptr(),
-        indices.storage_offset(),
-        tuple(indices.shape),
-        indices.stride(),
-        indices._version,
+        latents.untyped_storage().data_ptr(),
+        latents.storage_offset(),
+        tuple(latents.shape),
+        latents.stride(),
+        latents._version,
         n_out,
     )
     if _last_transpose is not None and _last_transpose[0] == key:
         return _last_transpose[2]
-    k = indices.shape[1]
-    flat = indices.reshape(-1)
+    flat = latents.reshape(-1)
     order = torch.argsort(flat, stable=True)
-    col = torch.div(order, k, rounding_mode="floor")
-    crow = torch.zeros(n_out + 1, dtype=flat.dtype, device=flat.device)
+    crow = torch.zeros(n_out + 1, dtype=torch.long, device=flat.device)
     torch.cumsum(torch.bincount(flat, minlength=n_out), 0, out=crow[1:])
-    _last_transpose = (key, indices, (order, crow, col))
-    return order, crow, col
+    _last_transpose = (key, latents, (order, crow))
+    return order, crow
 
 
 def _fallback_chunk_rows(k: int, d: int, device: torch.device) -> int:
@@ -196,9 +195,10 @@ def _scatter_rows(
         # ``rows.T @ S`` form) and on CUDA (~7x index_add_, whose atomics
         # collide on popular latents). S.T is built as CSR from one sort,
         # shared by the two products of a step (see _transposed_pattern).
-        order, crow, col = _transposed_pattern(indices, n_out)
+        order, crow = _transposed_pattern(indices, n_out)
+        tokens = torch.div(order, indices.shape[1], rounding_mode="floor")
         values = weights.reshape(-1).to(rows.dtype)[order]
-        return _csr(crow, col, values, (n_out, indices.shape[0])) @ rows
+        return _csr(crow, tokens, values, indices.shape[0]) @ rows
     # Accumulate low-precision dtypes in float32: index_add_ adds in the
     # destination dtype, and bf16 sums of ~B*k/n_out terms lose precision.
     acc_dtype = torch.float32 if rows.element_size() < 4 else rows.dtype
