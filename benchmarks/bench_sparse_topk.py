@@ -1,9 +1,10 @@
-"""Micro-benchmark: dense vs sparse TopK SAE forward+backward.
+"""Micro-benchmark: dense vs sparse TopK (and BatchTopK) SAE forward+backward.
 
 Run from the repository root::
 
     python benchmarks/bench_sparse_topk.py
     python benchmarks/bench_sparse_topk.py --device cuda --batch 16384
+    python benchmarks/bench_sparse_topk.py --modes sparse,sparse_batchtopk --backend index --prefilter off
 
 It times one training step's forward+backward (median, and min, over
 ``--runs`` interleaved rounds after ``--warmup`` iterations) of
@@ -11,6 +12,8 @@ It times one training step's forward+backward (median, and min, over
 * ``dense``: the reference TopK path (``addmm`` -> ``topk`` -> ReLU -> scatter
   into a dense ``[B, d_sae]`` matrix -> dense decode matmul), autograd backward;
 * ``sparse``: :func:`sae_lens.kernels.sparse_topk_encode` +
+  :func:`sae_lens.kernels.sparse_decode` (``--backend``, ``--prefilter`` pass through);
+* ``sparse_batchtopk``: :func:`sae_lens.kernels.sparse_batchtopk_encode` +
   :func:`sae_lens.kernels.sparse_decode`;
 * ``enc_matmul``: the bare forward matmul ``x @ W_enc`` alone, the lower bound
   for any TopK SAE step since its output has to be ranked;
@@ -48,9 +51,10 @@ import torch
 # Allow running as a script from the repo root without installing the package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sae_lens.kernels import sparse_decode, sparse_topk_encode
+from sae_lens.kernels import sparse_batchtopk_encode, sparse_decode, sparse_topk_encode
 
-MODES = ("dense", "sparse", "enc_matmul", "enc_matmul_out")
+MODES = ("dense", "sparse", "sparse_batchtopk", "enc_matmul", "enc_matmul_out")
+PREFILTER = {"auto": None, "on": True, "off": False}
 
 
 def make_problem(
@@ -73,7 +77,9 @@ def make_problem(
     }
 
 
-def step_fn(mode: str, p: dict[str, torch.Tensor], k: int) -> Callable[[], None]:
+def step_fn(
+    mode: str, p: dict[str, torch.Tensor], k: int, backend: str = "auto", prefilter: bool | None = None
+) -> Callable[[], None]:
     """A closure running one forward+backward (or forward only for enc_matmul)."""
     params = [p["W_enc"], p["b_enc"], p["W_dec"], p["b_dec"]]
     x = p["x"]
@@ -97,11 +103,22 @@ def step_fn(mode: str, p: dict[str, torch.Tensor], k: int) -> Callable[[], None]
 
         def sparse() -> None:
             zero_grads()
-            vals, idx = sparse_topk_encode(x - p["b_dec"], p["W_enc"], p["b_enc"], k)
-            x_hat = sparse_decode(vals, idx, p["W_dec"], p["b_dec"])
+            latents = sparse_topk_encode(
+                x - p["b_dec"], p["W_enc"], p["b_enc"], k, backend=backend, prefilter=prefilter
+            )
+            x_hat = sparse_decode(latents, p["W_dec"], p["b_dec"], backend=backend)
             (x_hat - x).pow(2).sum().backward()
 
         return sparse
+    if mode == "sparse_batchtopk":
+
+        def sparse_batchtopk() -> None:
+            zero_grads()
+            latents = sparse_batchtopk_encode(x - p["b_dec"], p["W_enc"], p["b_enc"], k, backend=backend)
+            x_hat = sparse_decode(latents, p["W_dec"], p["b_dec"], backend=backend)
+            (x_hat - x).pow(2).sum().backward()
+
+        return sparse_batchtopk
     if mode == "enc_matmul":
         W_enc = p["W_enc"].detach()
 
@@ -164,7 +181,7 @@ def measure_memory(args: argparse.Namespace, mode: str) -> float:
     samples can be missed, so the CPU figure is a lower bound.
     """
     p = make_problem(args.batch, args.d_in, args.d_sae, args.device, DTYPES[args.dtype])
-    fn = step_fn(mode, p, args.k)
+    fn = step_fn(mode, p, args.k, args.backend, PREFILTER[args.prefilter])
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -207,6 +224,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--backend", default="auto", choices=["auto", "csr", "index"])
+    parser.add_argument("--prefilter", default="auto", choices=sorted(PREFILTER))
     parser.add_argument("--no-memory", action="store_true", help="skip memory runs")
     parser.add_argument("--_memory-of", dest="memory_of", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -220,11 +239,14 @@ def main() -> None:
     print(
         f"batch={args.batch} d_in={args.d_in} d_sae={args.d_sae} k={args.k} "
         f"dtype={args.dtype} device={args.device} threads={torch.get_num_threads()} "
-        f"torch={torch.__version__}"
+        f"backend={args.backend} prefilter={args.prefilter} torch={torch.__version__}"
     )
     p = make_problem(args.batch, args.d_in, args.d_sae, args.device, DTYPES[args.dtype])
     results = time_interleaved(
-        {mode: step_fn(mode, p, args.k) for mode in modes}, args.runs, args.warmup, args.device
+        {mode: step_fn(mode, p, args.k, args.backend, PREFILTER[args.prefilter]) for mode in modes},
+        args.runs,
+        args.warmup,
+        args.device,
     )
     del p
 
@@ -243,6 +265,7 @@ def main() -> None:
     label = {
         "dense": "dense fwd+bwd",
         "sparse": "sparse fwd+bwd",
+        "sparse_batchtopk": "batchtopk fwd+bwd",
         "enc_matmul": "x @ W_enc fwd only",
         "enc_matmul_out": "mm(x, W_enc, out=buf)",
     }
