@@ -101,7 +101,7 @@ LIMIT_LABELS = {
 def build_our_trainer(spec: dict[str, Any]) -> Any:
     """Our `SAETrainer` around a fresh SAE of `spec["arch"]`, built from the runner config."""
     from sae_lens.config import LanguageModelSAERunnerConfig
-    from sae_lens.saes import SAEConfig, SparseAutoencoder
+    from sae_lens.saes import SparseAutoencoder
     from sae_lens.training.trainer import SAETrainer
 
     cfg = LanguageModelSAERunnerConfig(
@@ -121,7 +121,7 @@ def build_our_trainer(spec: dict[str, Any]) -> Any:
         matryoshka_widths=list(spec["matryoshka_widths"]) if "matryoshka" in spec["arch"] else None,
     )
     torch.manual_seed(spec["seed"])
-    sae = SparseAutoencoder.from_config(SAEConfig.from_runner_config(cfg, d_in=spec["d_in"]))
+    sae = SparseAutoencoder.from_config(cfg.sae_config(spec["d_in"]))
     return SAETrainer(cfg, sae, show_progress=False)
 
 
@@ -152,7 +152,9 @@ def measure_sae(spec: dict[str, Any]) -> dict[str, Any]:
     """SAE-only: our trainer steps on a cycled pool of in-memory activation batches."""
     trainer = build_our_trainer(spec)
     pool = harness.activation_pool(spec)
-    return harness.measure(lambda i: trainer.train_step(pool[i % len(pool)], return_metrics=False), spec)
+    # The allocator setting `fit` holds while it trains (see sae_lens.cpu_memory).
+    with trainer.allocator_policy():
+        return harness.measure(lambda i: trainer.train_step(pool[i % len(pool)], return_metrics=False), spec)
 
 
 def measure_e2e(spec: dict[str, Any]) -> dict[str, Any]:
@@ -160,9 +162,10 @@ def measure_e2e(spec: dict[str, Any]) -> dict[str, Any]:
     trainer = build_our_trainer(spec)
     activations = our_activation_fn(spec)
     pool = harness.token_pool(spec)
-    return harness.measure(
-        lambda i: trainer.train_step(activations(pool[i % len(pool)]), return_metrics=False), spec
-    )
+    with trainer.allocator_policy():
+        return harness.measure(
+            lambda i: trainer.train_step(activations(pool[i % len(pool)]), return_metrics=False), spec
+        )
 
 
 def measure_model_fwd(spec: dict[str, Any]) -> dict[str, Any]:

@@ -8,23 +8,26 @@ PyTorch's own CPU tuning guide recommends a caching allocator (jemalloc / tcmall
 reason; those need `LD_PRELOAD`, so we instead ask glibc (via `mallopt`) to serve large blocks from
 its heap and to keep freed memory there. The next step reuses the same pages without faults.
 
-The setting is process-wide. `SAETrainer` turns it on for CPU training when
-`cfg.cpu_reuse_freed_memory` is true (the default), and `SAETrainer.fit` restores glibc's defaults
-and returns the cached memory to the OS at the end. Elsewhere (macOS, musl, Windows) these calls
-do nothing and return False.
+The setting is process-wide. `SAETrainer.fit` holds it with `reusing_freed_memory` (the one place
+it is decided: the architecture's default or `cpu_reuse_freed_memory`), which restores glibc's
+defaults and returns the cached memory to the OS when training ends. Elsewhere (macOS, musl,
+Windows) these calls do nothing and return False.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import platform
 import threading
+from collections.abc import Iterator
 
 __all__ = [
     "is_reusing_freed_memory",
     "release_freed_memory",
     "restore_default_allocator",
     "reuse_freed_memory",
+    "reusing_freed_memory",
 ]
 
 # glibc <malloc.h> parameter numbers and defaults.
@@ -101,3 +104,19 @@ def restore_default_allocator() -> bool:
 def is_reusing_freed_memory() -> bool:
     """Whether `reuse_freed_memory` is currently in effect in this process."""
     return _active
+
+
+@contextlib.contextmanager
+def reusing_freed_memory(enabled: bool = True) -> Iterator[bool]:
+    """Keep freed memory for reuse inside the block (when `enabled`); restore the defaults after.
+
+    Yields whether the setting is in effect. A block nested inside another leaves it to the outer
+    one to restore.
+    """
+    already = is_reusing_freed_memory()
+    active = reuse_freed_memory() if enabled else already
+    try:
+        yield active
+    finally:
+        if enabled and not already:
+            restore_default_allocator()

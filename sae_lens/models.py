@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ def load_model(model_name: str, device: str | torch.device = "cpu", dtype: str =
         raise SAELensError(f"model folder {path!r} does not exist")
     try:
         model = TransformerBridge.boot_transformers(
-            str(Path(path).expanduser()) if looks_local else path,
+            _local_or_hub(path),
             device=str(device),
             dtype=getattr(torch, dtype),
         )
@@ -52,6 +53,71 @@ def load_model(model_name: str, device: str | torch.device = "cpu", dtype: str =
         ) from None
     model.eval()
     return model
+
+
+@dataclass
+class ModelShape:
+    """What a model's config says about its size, read without loading its weights."""
+
+    n_layers: int | None
+    n_positions: int | None
+    """Longest input the position embeddings allow (None: no fixed limit, e.g. rotary)."""
+
+
+def read_model_shape(model_name: str) -> ModelShape | None:
+    """The model's layer count and position limit from its Hugging Face config, or None when the
+    config cannot be read here (the model load then reports the problem)."""
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(_local_or_hub(resolve_model_path(model_name)))
+    except Exception:
+        return None
+    config = getattr(config, "text_config", None) or config
+    n_layers = next(
+        (getattr(config, k) for k in ("num_hidden_layers", "n_layer") if hasattr(config, k)), None
+    )
+    # Rotary models may carry a nominal max_position_embeddings; it is still the trained length.
+    n_positions = next(
+        (
+            getattr(config, k)
+            for k in ("max_position_embeddings", "n_positions", "n_ctx")
+            if hasattr(config, k)
+        ),
+        None,
+    )
+    return ModelShape(n_layers, n_positions)
+
+
+def check_fits_model(model_name: str, context_size: int, hook_layer: int | None) -> None:
+    """Raise SAELensError before any work when the context or the hook cannot fit `model_name`."""
+    shape = read_model_shape(model_name)
+    if shape is None:
+        return
+    if shape.n_positions is not None and context_size > shape.n_positions:
+        raise SAELensError(
+            f"context_size {context_size} exceeds {model_name}'s {shape.n_positions} positions; "
+            f"use --context_size {shape.n_positions} or less"
+        )
+    if shape.n_layers is not None and hook_layer is not None and hook_layer >= shape.n_layers:
+        raise SAELensError(
+            f"the hook is in block {hook_layer}, but {model_name} has {shape.n_layers} blocks "
+            f"(blocks.0-{shape.n_layers - 1}); pick a hook in one of them"
+        )
+
+
+def check_context_fits(model: Any, context_size: int) -> None:
+    """The same context check for a model that is already loaded (its `cfg.n_ctx`)."""
+    n_ctx = getattr(getattr(model, "cfg", None), "n_ctx", None)
+    if isinstance(n_ctx, int) and context_size > n_ctx:
+        raise SAELensError(
+            f"context_size {context_size} exceeds the model's {n_ctx} positions; use {n_ctx} or less"
+        )
+
+
+def _local_or_hub(path: str) -> str:
+    looks_local = path.startswith((".", "/", "~")) or Path(path).expanduser().exists()
+    return str(Path(path).expanduser()) if looks_local else path
 
 
 def is_causal_lm(model: Any) -> bool:
@@ -75,9 +141,12 @@ def validate_hook_point(model: Any, hook_point: str) -> None:
 
 
 def hook_layer_of(hook_point: str) -> int | None:
-    """The block index in `blocks.N....`, or None for embedding hooks."""
-    match = re.match(r"^blocks\.(\d+)\.", hook_point)
+    """The block index in `blocks.N....`, or None for embedding hooks (the one place hook names are parsed)."""
+    match = _HOOK_LAYER.match(hook_point)
     return int(match.group(1)) if match else None
+
+
+_HOOK_LAYER = re.compile(r"^blocks\.(\d+)\.")
 
 
 def special_token_ids(tokenizer: Any) -> dict[str, int | None]:

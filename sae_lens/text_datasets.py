@@ -14,6 +14,7 @@ turn one large file into a single huge document.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeAlias
@@ -109,19 +110,35 @@ def detect_column(dataset: Rows) -> tuple[str, bool]:
     )
 
 
-def iter_documents(dataset: AnyDataset, column: str, is_tokenized: bool) -> Iterator[str | list[int]]:
+def iter_documents(dataset: Rows, column: str, is_tokenized: bool) -> Iterator[str | list[int]]:
     """Yield each document of ``column``: a ``str``, or a ``list[int]`` when tokenized.
 
-    Empty and whitespace-only documents are skipped since they contribute no tokens.
+    ``dataset`` is a Hugging Face dataset or any iterable of row mappings. Empty and
+    whitespace-only documents are skipped since they contribute no tokens (and would put
+    separators back to back when documents are packed).
     """
-    for row in dataset.select_columns([column]):
+    for _, document in enumerate_documents(dataset, column, is_tokenized):
+        yield document
+
+
+def enumerate_documents(
+    dataset: Rows, column: str, is_tokenized: bool, start: int = 0
+) -> Iterator[tuple[int, str | list[int]]]:
+    """`(row index, document)` for each non-empty document, from row `start` on (rows before it are
+    skipped without being read where the dataset allows it, for resuming)."""
+    select = getattr(dataset, "select_columns", None)
+    rows: Iterable[Mapping[str, Any]] = select([column]) if select is not None else dataset
+    if start:
+        skip = getattr(rows, "skip", None)
+        rows = skip(start) if skip is not None else itertools.islice(iter(rows), start, None)
+    for index, row in enumerate(rows, start):
         value = row[column]
         if is_tokenized:
             token_ids = [int(token_id) for token_id in value]
             if token_ids:
-                yield token_ids
+                yield index, token_ids
         elif isinstance(value, str) and value.strip():
-            yield value
+            yield index, value
 
 
 def _load_builtin(dataset_path: str) -> datasets.Dataset:
@@ -142,6 +159,8 @@ def _load_local(
 
     _require_single_split(dataset_path, split)
     files = _data_files(path, dataset_path)
+    if all(file.stat().st_size == 0 for file in files):
+        raise SAELensError(f"dataset_path '{dataset_path}' is empty; point it at a file (or folder) with text in it")
     builder = DATA_FILE_BUILDERS[files[0].suffix.lower()]
     # Paragraph rows for text files (see the module docstring); other builders take no
     # such option.
@@ -158,7 +177,15 @@ def _load_local(
             **options,
         )
         return _finish(stream, streaming=True, seed=seed)
-    loaded = datasets.load_dataset(builder, data_files=data_files, split=_SINGLE_SPLIT, **options)
+    try:
+        loaded = datasets.load_dataset(builder, data_files=data_files, split=_SINGLE_SPLIT, **options)
+    except datasets.exceptions.DatasetGenerationError as error:
+        # An empty or malformed file: the reason is in the chained error, not in the wrapper's text.
+        cause = error.__cause__ or error
+        raise SAELensError(
+            f"dataset_path '{dataset_path}' could not be read ({_short_reason(cause)}); "
+            "check that the file holds text (or rows of the expected format)"
+        ) from None
     return _finish(loaded, streaming=False, seed=seed)
 
 

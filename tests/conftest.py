@@ -180,6 +180,35 @@ def tiny_gpt2_tokens(tiny_gpt2: Any) -> torch.Tensor:
     return tiny_rows(tiny_gpt2.tokenizer, 16, seed=1)
 
 
+def make_sae_config(architecture: str = "standard", d_in: int = 8, d_sae: int = 32, **options: Any) -> Any:
+    """The config of `architecture` (its own `SAEConfig` subclass) with the given shape and options.
+
+    Every test builds SAE configs through here, so a change in how configs are built is one edit.
+    """
+    from sae_lens.saes import get_architecture_class
+
+    return get_architecture_class(architecture).config_class(d_in=d_in, d_sae=d_sae, **options)
+
+
+def make_runner_config(**values: Any) -> Any:
+    """A `LanguageModelSAERunnerConfig` from field values (architecture options included)."""
+    from sae_lens.config import LanguageModelSAERunnerConfig
+
+    return LanguageModelSAERunnerConfig(**values)
+
+
+@pytest.fixture
+def sae_config_factory() -> Any:
+    """`make_sae_config` as a fixture."""
+    return make_sae_config
+
+
+@pytest.fixture
+def runner_config_factory() -> Any:
+    """`make_runner_config` as a fixture."""
+    return make_runner_config
+
+
 def _sparse_data(n: int, seed: int, d: int = 16, n_dirs: int = 32, p: float = 3 / 32) -> torch.Tensor:
     """Sparse non-negative combinations of 32 fixed random unit directions in 16 dimensions."""
     dirs = torch.randn(n_dirs, d, generator=torch.Generator().manual_seed(0))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import datasets
@@ -9,8 +10,8 @@ import pytest
 import torch
 
 from sae_lens.activations_store import ActivationsStore, DatasetExhausted
-from sae_lens.config import LanguageModelSAERunnerConfig
 from sae_lens.errors import SAELensError
+from tests.conftest import make_runner_config
 
 CLS, SEP, PAD = 101, 102, 0
 HOOK = "blocks.0.hook_resid_post"
@@ -44,6 +45,14 @@ def make_store(model: Any, docs: list[str] | None = None, **overrides: Any) -> A
     return ActivationsStore(model, dataset, **options)
 
 
+def token_rows(store: ActivationsStore) -> list[torch.Tensor]:
+    """Every packed row the store has not used yet (the store's own row stream, consumed)."""
+    rows = []
+    while (row := store.next_token_row()) is not None:
+        rows.append(row)
+    return rows
+
+
 def document_stream(model: Any, docs: list[str]) -> list[int]:
     """The documents' token ids joined by [SEP], as packing should lay them out."""
     stream: list[int] = []
@@ -70,7 +79,7 @@ def nearest_distances(queries: torch.Tensor, keys: torch.Tensor) -> tuple[torch.
 
 def test_rows_open_with_cls_and_reproduce_the_documents(minilm: Any) -> None:
     store = make_store(minilm)
-    rows = list(store.iter_token_rows())
+    rows = token_rows(store)
     assert len(rows) >= 5
     assert all(row.shape == (CONTEXT,) for row in rows)
     assert all(row[0].item() == CLS for row in rows)
@@ -85,7 +94,7 @@ def test_rows_open_with_cls_and_reproduce_the_documents(minilm: Any) -> None:
 
 def test_rows_without_prepend_bos_have_no_start_token(minilm: Any) -> None:
     store = make_store(minilm, prepend_bos=False)
-    rows = list(store.iter_token_rows())
+    rows = token_rows(store)
     assert all(row.shape == (CONTEXT,) for row in rows)
     flat = torch.cat(rows).tolist()
     assert CLS not in flat
@@ -98,23 +107,22 @@ def test_pretokenized_rows_of_context_size_are_used_as_is(minilm: Any) -> None:
     # Rows that do not start with [CLS]: the store must not add, drop or reorder anything.
     rows = [list(range(1000 + 16 * i, 1016 + 16 * i)) for i in range(6)]
     dataset = datasets.Dataset.from_dict({"input_ids": rows})
-    cfg = LanguageModelSAERunnerConfig(
-        hook_point=HOOK, context_size=CONTEXT, n_eval_sequences=2, train_batch_size=32
-    )
+    cfg = make_runner_config(hook_point=HOOK, context_size=CONTEXT, n_eval_sequences=2, train_batch_size=32)
     store = ActivationsStore.from_config(minilm, cfg, dataset=dataset)
     assert store.is_tokenized
     assert store.eval_tokens is not None
     assert store.eval_tokens.tolist() == rows[:2]
-    assert [row.tolist() for row in store.iter_token_rows()] == rows
+    # (The store's row stream continues after the held-out rows.)
+    assert store.eval_tokens.tolist() + [row.tolist() for row in token_rows(store)] == rows
 
 
 def test_is_dataset_tokenized_mismatch_is_an_error(minilm: Any) -> None:
     text = datasets.Dataset.from_dict({"text": DOCS})
-    cfg = LanguageModelSAERunnerConfig(hook_point=HOOK, context_size=CONTEXT, is_dataset_tokenized=True)
+    cfg = make_runner_config(hook_point=HOOK, context_size=CONTEXT, is_dataset_tokenized=True)
     with pytest.raises(SAELensError, match="is_dataset_tokenized"):
         ActivationsStore.from_config(minilm, cfg, dataset=text)
     tokens = datasets.Dataset.from_dict({"tokens": [list(range(1000, 1016))]})
-    cfg = LanguageModelSAERunnerConfig(hook_point=HOOK, context_size=CONTEXT, is_dataset_tokenized=False)
+    cfg = make_runner_config(hook_point=HOOK, context_size=CONTEXT, is_dataset_tokenized=False)
     with pytest.raises(SAELensError, match="token ids"):
         ActivationsStore.from_config(minilm, cfg, dataset=tokens)
 
@@ -123,7 +131,7 @@ def test_is_dataset_tokenized_mismatch_is_an_error(minilm: Any) -> None:
 
 
 def test_exclude_special_tokens_drops_cls_and_sep(minilm: Any) -> None:
-    rows = torch.stack(list(make_store(minilm).iter_token_rows()))
+    rows = torch.stack(token_rows(make_store(minilm)))
     n_special = int(torch.isin(rows, torch.tensor([CLS, SEP])).sum())
     assert n_special > rows.shape[0]  # every row's [CLS] plus the separators
 
@@ -179,7 +187,7 @@ def test_next_batch_shape(minilm: Any) -> None:
 def test_batches_are_shuffled_across_rows(minilm: Any) -> None:
     docs = [f"{doc} (copy {i})" for i in range(4) for doc in DOCS]
     store = make_store(minilm, docs)
-    rows = torch.stack(list(store.iter_token_rows()))
+    rows = torch.stack(token_rows(make_store(minilm, docs)))
     sequential = torch.cat([store.get_activations(rows[i : i + 4]) for i in range(0, len(rows), 4)])
     sequential = sequential.reshape(-1, 384)
 
@@ -204,7 +212,7 @@ def test_eval_rows_are_held_out_from_training(minilm: Any) -> None:
     )
     docs = [distinctive, *DOCS, *DOCS]
     store = make_store(minilm, docs, n_eval_sequences=2, train_batch_size=1)
-    first_rows = list(make_store(minilm, docs).iter_token_rows())
+    first_rows = token_rows(make_store(minilm, docs))
     assert store.eval_tokens is not None
     assert store.eval_tokens.shape == (2, CONTEXT)
     assert store.eval_tokens.tolist() == [row.tolist() for row in first_rows[:2]]
@@ -218,7 +226,7 @@ def test_eval_rows_are_held_out_from_training(minilm: Any) -> None:
 
 def test_exhaustion_stops_iteration_then_raises(minilm: Any) -> None:
     store = make_store(minilm, train_batch_size=16)
-    n_tokens = len(list(store.iter_token_rows())) * CONTEXT
+    n_tokens = len(token_rows(make_store(minilm, train_batch_size=16))) * CONTEXT
     batches = list(store)  # stops cleanly at the end of the dataset
     assert batches
     assert all(batch.shape == (16, 384) for batch in batches)
@@ -235,3 +243,67 @@ def test_a_dataset_too_short_for_one_row_is_exhausted_at_once(minilm: Any) -> No
     with pytest.raises(DatasetExhausted):
         store.next_batch()
     assert list(store) == []
+
+
+# -- configuration --------------------------------------------------------------------------------
+
+
+def test_from_config_honours_the_dtype(minilm: Any) -> None:
+    cfg = make_runner_config(
+        hook_point=HOOK,
+        context_size=CONTEXT,
+        dtype="bfloat16",
+        train_batch_size=32,
+        store_batch_size=4,
+        n_batches_in_buffer=2,
+        n_eval_sequences=0,
+    )
+    store = ActivationsStore.from_config(minilm, cfg, dataset=datasets.Dataset.from_dict({"text": DOCS * 2}))
+    assert store.dtype == torch.bfloat16
+    batch = store.next_batch()
+    assert batch.shape == (32, 384) and batch.dtype == torch.bfloat16
+    assert torch.isfinite(batch.float()).all()
+
+
+def test_buffer_size_defaults_agree_between_the_store_and_the_config() -> None:
+    import dataclasses
+    import inspect
+
+    from sae_lens.config import LanguageModelSAERunnerConfig
+
+    store_defaults = inspect.signature(ActivationsStore.__init__).parameters
+    config_defaults = {f.name: f.default for f in dataclasses.fields(LanguageModelSAERunnerConfig)}
+    for name in ("n_batches_in_buffer", "store_batch_size"):
+        assert store_defaults[name].default == config_defaults[name], name
+
+
+def test_empty_and_whitespace_documents_put_no_separators_back_to_back(minilm: Any) -> None:
+    blank = ["", "   ", "\n\t", " \n "]
+    docs = [" "]  # even before the first document
+    for i, doc in enumerate(DOCS):
+        docs += [doc, blank[i % len(blank)]]
+    rows = torch.stack(token_rows(make_store(minilm, docs)))
+    flat = rows[:, 1:].flatten().tolist()
+    assert all(not (a == SEP and b == SEP) for a, b in itertools.pairwise(flat))
+    assert all(row[1].item() != SEP for row in rows)  # no row body opens with a separator
+    # The packed stream is exactly that of the non-empty documents.
+    stream = document_stream(minilm, DOCS)
+    assert flat == stream[: len(flat)]
+
+
+def test_empty_pretokenized_documents_put_no_separators_back_to_back(minilm: Any) -> None:
+    ids = [list(range(1000 + 5 * i, 1005 + 5 * i)) for i in range(8)]
+    with_empty = [part for doc in ids for part in (doc, [])]
+    store = ActivationsStore(
+        minilm,
+        datasets.Dataset.from_dict({"input_ids": with_empty}),
+        hook_point=HOOK,
+        hook_layer=0,
+        context_size=CONTEXT,
+        train_batch_size=16,
+        column="input_ids",
+        is_tokenized=True,
+    )
+    flat = [token for row in token_rows(store) for token in row[1:].tolist()]
+    expected = [token for doc in ids for token in [*doc, SEP]][: len(flat)]
+    assert flat == expected and len(flat) >= 2 * (CONTEXT - 1)

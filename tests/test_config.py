@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from sae_lens.config import LanguageModelSAERunnerConfig, check_known_fields, coerce_field
 from sae_lens.errors import SAELensError
@@ -213,14 +215,6 @@ def test_empty_yaml_gives_defaults(tmp_path: Path) -> None:
     assert Cfg.from_yaml(path) == Cfg()
 
 
-def test_dead_window_in_tokens_overrides_steps() -> None:
-    assert Cfg(dead_feature_window=7).dead_window_steps == 7
-    # 10_000 tokens at 1024 per step: dead after ceil(10000 / 1024) = 10 steps without firing.
-    assert Cfg(train_batch_size=1024, dead_feature_window_tokens=10_000).dead_window_steps == 10
-    with pytest.raises(SAELensError, match="dead_feature_window_tokens"):
-        Cfg(dead_feature_window_tokens=0)
-
-
 def test_configuration_docs_cover_every_field() -> None:
     """docs/configuration.md is generated from the dataclass; it must not fall behind it."""
     from dataclasses import fields
@@ -229,3 +223,109 @@ def test_configuration_docs_cover_every_field() -> None:
     text = (Path(__file__).parents[1] / "docs" / "configuration.md").read_text()
     missing = [f.name for f in fields(Cfg) if f"`{f.name}`" not in text]
     assert not missing, f"run `python docs/gen_configuration.py`; undocumented: {missing}"
+
+
+# -- architecture options by their seed-era names -----------------------------------------------------
+
+
+def test_architecture_options_given_by_name_go_to_sae_options() -> None:
+    cfg = Cfg(k=16, l1_coefficient=0.01)
+    assert cfg.sae_options["k"] == 16 and cfg.sae_options["l1_coefficient"] == 0.01
+    assert cfg.k == 16 and cfg.l1_coefficient == 0.01
+    assert "k" not in {f.name for f in dataclasses.fields(cfg)}
+    # An option of another architecture is kept (and unused), but only the chosen one's reach its SAE.
+    sae_cfg = cfg.sae_config(d_in=8)
+    assert type(sae_cfg).__name__ == "TopKSAEConfig" and sae_cfg.k == 16
+    assert not hasattr(sae_cfg, "l1_coefficient")
+
+
+def test_sae_options_hold_the_chosen_architectures_defaults() -> None:
+    topk = Cfg().sae_options
+    assert {"k": 32, "aux_k": None, "aux_k_coefficient": 1 / 32}.items() <= topk.items()
+    assert "l1_coefficient" not in topk
+    standard = Cfg(architecture="standard").sae_options
+    assert {"l1_coefficient": 1e-3, "lp_norm": 1.0, "use_ghost_grads": False}.items() <= standard.items()
+    assert "k" not in standard
+    # However an equal config is written, it compares equal.
+    assert Cfg(architecture="topk") == Cfg(architecture="topk", k=32) == Cfg(sae_options={"k": 32})
+
+
+def test_an_option_can_be_set_as_an_attribute() -> None:
+    cfg = Cfg(d_in=16)
+    cfg.k = 8
+    assert cfg.k == 8 and cfg.sae_options["k"] == 8
+    assert cfg.sae_config().k == 8
+    cfg.jumprelu_bandwidth = 0.5  # any architecture's option, stored for when it is chosen
+    assert cfg.sae_options["jumprelu_bandwidth"] == 0.5
+    with pytest.raises(AttributeError, match="no_such_option"):
+        _ = cfg.no_such_option
+
+
+def test_architecture_options_in_yaml(tmp_path: Path) -> None:
+    path = tmp_path / "cfg.yaml"
+    path.write_text("architecture: jumprelu\nl1_coefficient: 0.01\njumprelu_bandwidth: '0.05'\nk: 16\n")
+    cfg = Cfg.from_yaml(path)
+    assert cfg.sae_options["l1_coefficient"] == 0.01 and cfg.sae_options["jumprelu_bandwidth"] == 0.05
+    assert cfg.sae_options["k"] == 16  # not a jumprelu option: kept, not used
+    assert not hasattr(cfg.sae_config(d_in=8), "k")
+    # Written back flat, the way it was read.
+    cfg.to_yaml(tmp_path / "out.yaml")
+    written = yaml.safe_load((tmp_path / "out.yaml").read_text())
+    assert written["jumprelu_bandwidth"] == 0.05 and written["k"] == 16 and "sae_options" not in written
+    assert Cfg.from_yaml(tmp_path / "out.yaml") == cfg
+
+
+@pytest.mark.parametrize(
+    ("key", "suggestion"),
+    [("jumprelu_bandwith", "jumprelu_bandwidth"), ("topk_threshold", "topk_threshold_lr"), ("auxk", "aux_k")],
+)
+def test_unknown_key_suggests_the_closest_architecture_option(key: str, suggestion: str) -> None:
+    with pytest.raises(SAELensError, match=f"did you mean '{suggestion}'"):
+        Cfg(**{key: 1})
+    with pytest.raises(SAELensError, match=f"did you mean '{suggestion}'"):
+        Cfg.from_dict({key: 1})
+    with pytest.raises(SAELensError, match=f"did you mean '{suggestion}'"):
+        Cfg(sae_options={key: 1})
+
+
+def test_options_are_checked_at_construction_by_their_architecture() -> None:
+    with pytest.raises(SAELensError, match="jumprelu_bandwidth"):
+        Cfg(architecture="topk", jumprelu_bandwidth=-1.0)
+    with pytest.raises(SAELensError, match="jumprelu_sparsity_loss_mode"):
+        Cfg(architecture="jumprelu", jumprelu_sparsity_loss_mode="l2")
+
+
+def test_cross_field_checks_run_once_the_shape_is_known() -> None:
+    # Without d_in or d_sae, k cannot be compared with d_sae yet.
+    assert Cfg(k=10_000).k == 10_000
+    with pytest.raises(SAELensError, match="k"):
+        Cfg(d_in=4, expansion_factor=2, k=16)
+    with pytest.raises(SAELensError, match="matryoshka_widths"):
+        Cfg(architecture="matryoshka_batchtopk", d_sae=64, k=4, matryoshka_widths=[16, 32])
+    assert Cfg(architecture="matryoshka_batchtopk", d_sae=64, k=4, matryoshka_widths=[16, 64]).d_sae == 64
+
+
+def test_sae_config_carries_the_shape_and_where_the_sae_belongs() -> None:
+    cfg = Cfg(
+        architecture="standard",
+        hook_point="blocks.2.attn.hook_z",
+        hook_point_head_index=3,
+        expansion_factor=4,
+        dtype="float64",
+        l1_coefficient=0.2,
+    )
+    sae_cfg = cfg.sae_config(d_in=16)
+    assert (sae_cfg.d_in, sae_cfg.d_sae, sae_cfg.dtype, sae_cfg.l1_coefficient) == (16, 64, "float64", 0.2)
+    assert sae_cfg.metadata["hook_name"] == "blocks.2.attn.hook_z"
+    assert sae_cfg.metadata["hook_layer"] == 2 and sae_cfg.metadata["hook_head_index"] == 3
+    assert sae_cfg.metadata["model_name"] == cfg.model_name
+    with pytest.raises(SAELensError, match="d_in"):
+        cfg.sae_config()
+
+
+def test_the_runner_config_is_a_trainer_config() -> None:
+    from sae_lens.training.config import TrainerConfig
+
+    assert issubclass(Cfg, TrainerConfig)
+    trainer_fields = {f.name for f in dataclasses.fields(TrainerConfig)}
+    assert trainer_fields <= {f.name for f in dataclasses.fields(Cfg)}

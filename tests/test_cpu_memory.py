@@ -3,6 +3,7 @@
 Measured by what the setting is for, in a fresh interpreter: minor page faults. A 64 MiB tensor
 allocated and freed in a loop faults all of its 16,384 pages back in each time under glibc's
 defaults, and none once freed memory is kept; restoring the defaults returns the kept memory.
+(Which training runs keep freed memory is the trainer's allocator policy: tests/training/test_trainer.py.)
 """
 
 from __future__ import annotations
@@ -15,12 +16,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import torch
 
 from sae_lens import cpu_memory
-from sae_lens.config import LanguageModelSAERunnerConfig
-from sae_lens.saes import SparseAutoencoder
-from sae_lens.training.trainer import SAETrainer
 
 glibc_only = pytest.mark.skipif(
     platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
@@ -32,7 +29,7 @@ PAGES = 64 * 1024 * 1024 // 4096
 
 @pytest.fixture(autouse=True)
 def glibc_defaults() -> Iterator[None]:
-    """Earlier tests' trainers may have turned the setting on (it lasts until a `fit` ends)."""
+    """Start and end with glibc's defaults, whatever an earlier test left."""
     cpu_memory.restore_default_allocator()
     yield
     cpu_memory.restore_default_allocator()
@@ -92,54 +89,24 @@ def test_defaults_fault_every_page_back_in_and_reuse_faults_none() -> None:
     assert cpu_memory.release_freed_memory()
 
 
-def make_cfg(n_steps: int, architecture: str = "topk", **kw: Any) -> LanguageModelSAERunnerConfig:
-    return LanguageModelSAERunnerConfig(
-        architecture=architecture,
-        hook_point="blocks.0.hook_resid_pre",
-        d_in=8,
-        d_sae=32,
-        k=4,
-        train_batch_size=64,
-        total_training_tokens=64 * n_steps,
-        **kw,
-    )
-
-
-@glibc_only
-def test_trainer_turns_it_on_for_cpu_and_fit_restores_the_defaults() -> None:
-    batches = [torch.randn(64, 8) for _ in range(3)]
-    cfg = make_cfg(n_steps=3)
-    trainer = SAETrainer(cfg, SparseAutoencoder(cfg), show_progress=False)
-    assert cpu_memory.is_reusing_freed_memory()
-    trainer.fit(batches)
-    assert not cpu_memory.is_reusing_freed_memory()
-    assert trainer.n_steps == 3
-
-
-@glibc_only
-@pytest.mark.parametrize(
-    ("architecture", "setting", "expected"),
-    [
-        ("topk", False, False),
-        ("batchtopk", None, True),
-        ("standard", None, True),
-        # Many dense [batch, d_sae] temporaries fragment a heap that keeps freed memory: off unless asked.
-        ("gated", None, False),
-        ("jumprelu", None, False),
-        ("jumprelu", True, True),
-    ],
-)
-def test_default_follows_the_architecture_and_config_overrides_it(
-    architecture: str, setting: bool | None, expected: bool
-) -> None:
-    cfg = make_cfg(n_steps=2, architecture=architecture, cpu_reuse_freed_memory=setting)
-    SAETrainer(cfg, SparseAutoencoder(cfg), show_progress=False)
-    assert cpu_memory.is_reusing_freed_memory() is expected
-
-
 def test_without_glibc_every_call_is_a_no_op(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(platform, "libc_ver", lambda: ("", ""))
     assert not cpu_memory.reuse_freed_memory()
     assert not cpu_memory.is_reusing_freed_memory()
     assert not cpu_memory.release_freed_memory()
     assert not cpu_memory.restore_default_allocator()
+
+
+@glibc_only
+def test_reusing_freed_memory_context_restores_only_what_it_turned_on() -> None:
+    with cpu_memory.reusing_freed_memory() as active:
+        assert active and cpu_memory.is_reusing_freed_memory()
+        with cpu_memory.reusing_freed_memory() as inner:  # nested: the outer block restores
+            assert inner
+        assert cpu_memory.is_reusing_freed_memory()
+        with cpu_memory.reusing_freed_memory(enabled=False) as off:
+            assert off  # already on: a disabled block reports the setting in effect, changes nothing
+        assert cpu_memory.is_reusing_freed_memory()
+    assert not cpu_memory.is_reusing_freed_memory()
+    with cpu_memory.reusing_freed_memory(enabled=False) as off:
+        assert not off and not cpu_memory.is_reusing_freed_memory()

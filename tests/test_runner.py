@@ -4,6 +4,7 @@ disk, real output folders and wandb in offline mode."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from pydoc_data.topics import topics
 from typing import Any
@@ -18,7 +19,8 @@ from sae_lens.activations_store import ActivationsStore
 from sae_lens.errors import SAELensError
 from sae_lens.evals import reconstruction_metrics
 from sae_lens.runner import RunResult, held_out_activations
-from sae_lens.saes import SAEConfig, SparseAutoencoder
+from sae_lens.saes import SparseAutoencoder
+from tests.conftest import make_runner_config
 
 HOOK = "blocks.1.hook_resid_post"
 SHORT_DOCS = [
@@ -61,7 +63,7 @@ def make_cfg(dataset_path: str, checkpoint_path: Path, **overrides: Any) -> Lang
         "checkpoint_path": str(checkpoint_path),
     }
     values.update(overrides)
-    return LanguageModelSAERunnerConfig(**values)
+    return make_runner_config(**values)
 
 
 def short_cfg(short_docs_dir: str, checkpoint_path: Path, **overrides: Any) -> LanguageModelSAERunnerConfig:
@@ -103,7 +105,7 @@ def test_training_raises_explained_variance(
     assert store.eval_tokens is not None
     acts = held_out_activations(store, store.eval_tokens)
     torch.manual_seed(cfg.seed)
-    untrained = SparseAutoencoder.from_config(SAEConfig.from_runner_config(cfg, d_in=384))
+    untrained = SparseAutoencoder.from_config(cfg.sae_config(384))
     before = reconstruction_metrics(untrained, acts)
     after = reconstruction_metrics(result.sae, acts)
     assert after["explained_variance"] > 0.5
@@ -151,7 +153,9 @@ def test_saved_sae_loads_equal(run: tuple[LanguageModelSAERunnerConfig, RunResul
     assert type(loaded) is type(result.sae)
     assert loaded.cfg.d_in == result.sae.cfg.d_in
     assert loaded.cfg.d_sae == result.sae.cfg.d_sae
-    assert loaded.cfg.k == result.sae.cfg.k
+    # Only TopK-family configs have a k; a standard SAE's config has none at all.
+    assert getattr(loaded.cfg, "k", None) == getattr(result.sae.cfg, "k", None)
+    assert hasattr(loaded.cfg, "k") == (result.sae.cfg.architecture == "topk")
     original = result.sae.state_dict()
     for name, tensor in loaded.state_dict().items():
         torch.testing.assert_close(tensor, original[name], rtol=0, atol=0)
@@ -212,7 +216,7 @@ def test_language_model_sae_runner_on_a_causal_lm(
 ) -> None:
     data = tmp_path / "corpus.txt"
     data.write_text(tiny_corpus_text)
-    cfg = LanguageModelSAERunnerConfig(
+    cfg = make_runner_config(
         model_name=str(tiny_gpt2_dir),
         hook_point="blocks.0.hook_resid_post",
         dataset_path=str(data),
@@ -239,3 +243,44 @@ def test_language_model_sae_runner_on_a_causal_lm(
     assert final[-1]["eval/ce_loss_clean"] < final[-1]["eval/ce_loss_zero_ablated"]
     loaded = SparseAutoencoder.load_from_disk(folder)
     torch.testing.assert_close(loaded.W_enc, sae.W_enc)
+
+
+@pytest.mark.parametrize(("head_index", "d_in"), [(None, 64), (1, 16)])
+def test_runner_trains_on_attention_head_outputs(
+    head_index: int | None,
+    d_in: int,
+    tiny_gpt2: Any,
+    tiny_gpt2_dir: Path,
+    tiny_corpus_text: str,
+    tmp_path: Path,
+) -> None:
+    """`attn.hook_z` is `[batch, pos, n_heads, d_head]`: the SAE trains on all heads concatenated
+    (d_in = 4 * 16), or on one head with `hook_point_head_index`, and is evaluated spliced the same way."""
+    data = tmp_path / "corpus.txt"
+    data.write_text(tiny_corpus_text)
+    cfg = make_runner_config(
+        model_name=str(tiny_gpt2_dir),
+        hook_point="blocks.0.attn.hook_z",
+        hook_point_head_index=head_index,
+        dataset_path=str(data),
+        architecture="topk",
+        k=4,
+        expansion_factor=2,
+        context_size=32,
+        n_eval_sequences=4,
+        train_batch_size=128,
+        store_batch_size=8,
+        n_batches_in_buffer=4,
+        total_training_tokens=1024,
+        checkpoint_path=str(tmp_path / "out"),
+        run_name="hook_z",
+    )
+    result = train_sae(cfg, model=tiny_gpt2, show_progress=False)
+    assert result.sae.cfg.d_in == d_in and result.sae.cfg.d_sae == 2 * d_in
+    assert result.sae.cfg.metadata["hook_name"] == "blocks.0.attn.hook_z"
+    assert result.sae.cfg.metadata["hook_head_index"] == head_index
+    assert result.tokens_trained == 1024
+    assert math.isfinite(result.metrics["ce_score"]) and math.isfinite(result.metrics["kl_score"])
+    assert 0 < result.metrics["l0"] <= 4
+    loaded = SparseAutoencoder.load_from_disk(result.output_dir)
+    assert loaded.cfg.metadata["hook_head_index"] == head_index

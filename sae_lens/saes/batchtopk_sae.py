@@ -4,38 +4,23 @@ Training keeps the `k * B` largest pre-activations of the whole `[B, d_sae]` bat
 so tokens use variable numbers of latents averaging `k`. Because that rule depends on the rest of
 the batch, inference instead uses a fixed threshold: `threshold` is an EMA (rate
 `cfg.topk_threshold_lr`) of the smallest activation each training batch kept, and `encode` is the
-JumpReLU `f = pre * (pre > threshold)` (as SAELens does, which saves BatchTopK SAEs as
-JumpReLU ones; `save_model` does too by default).
+JumpReLU `f = pre * (pre > threshold)`. As SAELens does, the SAE is saved as the equivalent
+`jumprelu` SAE by default.
 """
 
 from __future__ import annotations
 
-import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
-from sae_lens.kernels.sparse_batchtopk import (
-    BatchTopKActs,
-    sparse_batchtopk_encode,
-    sparse_csr_decode,
-)
-from sae_lens.saes.sae import (
-    SAE_CFG_FILENAME,
-    SAE_WEIGHTS_FILENAME,
-    SPARSITY_FILENAME,
-    SAEConfig,
-    SparseAutoencoder,
-    TrainStepOutput,
-    per_token_squared_error,
-    register_architecture,
-    sparse_feature_acts,
-)
-from sae_lens.saes.topk_sae import TopKSAE
-
-JUMPRELU_ARCHITECTURE = "jumprelu"
+from sae_lens.config_fields import option, positive
+from sae_lens.kernels import SparseLatents, sparse_batchtopk_encode, sparse_decode
+from sae_lens.saes.aux_k import aux_k_loss
+from sae_lens.saes.jumprelu_sae import JumpReLUSAEConfig
+from sae_lens.saes.sae import SAEConfig, SparseAutoencoder, TrainingBatch, register_architecture
+from sae_lens.saes.topk_sae import TopKSAEConfig
 
 
 def batch_topk(hidden_pre: torch.Tensor, k: int) -> torch.Tensor:
@@ -48,13 +33,20 @@ def batch_topk(hidden_pre: torch.Tensor, k: int) -> torch.Tensor:
     return torch.zeros_like(flat).scatter(0, positions, torch.relu(values)).view_as(hidden_pre)
 
 
+@dataclass
+class BatchTopKSAEConfig(TopKSAEConfig):
+    """A TopK SAE whose k is a per-token average over the batch."""
+
+    topk_threshold_lr: float = option(0.01, positive)
+    """EMA rate of the inference threshold (the smallest kept activation)."""
+
+
 @register_architecture("batchtopk")
-class BatchTopKSAE(TopKSAE):
+class BatchTopKSAE(SparseAutoencoder):
     """BatchTopK SAE (Bussmann et al. 2024): `cfg.k` active latents per token on average.
 
-    - `training_forward_pass` runs the sparse kernels of `sae_lens.kernels.sparse_batchtopk`
-      (dense encoder matmul only; decode and encoder backward touch only the kept entries),
-      updates `threshold` and adds the AuxK loss on dead latents as `TopKSAE` does.
+    - Training runs the sparse kernels (dense encoder matmul only; decode and encoder backward touch
+      only the kept entries), updates `threshold` and adds the AuxK loss on dead latents.
     - `encode` / `forward` (any mode) are JumpReLU with `threshold`; `encode_batchtopk` gives the
       training rule densely. Before the first training step `threshold` is 0 (plain ReLU); the
       first batch sets it to its smallest kept activation, later batches move it by EMA.
@@ -62,13 +54,21 @@ class BatchTopKSAE(TopKSAE):
       `save_model(path, as_jumprelu=False)` writes a `batchtopk` folder that loads back as this class.
     """
 
+    config_class = BatchTopKSAEConfig
+    cfg: BatchTopKSAEConfig
+    reuse_freed_cpu_memory = True
     threshold: torch.Tensor
 
-    def __init__(self, cfg: Any) -> None:
-        super().__init__(cfg)
+    def init_encoder_parameters(self) -> None:
+        super().init_encoder_parameters()
         # Per latent so `fold_W_dec_norm` stays exact and the weights are JumpReLU's layout; the
         # EMA moves every entry by the same batch statistic.
         self.register_buffer("threshold", torch.zeros(self.cfg.d_sae, dtype=self.dtype, device=self.device))
+
+    @property
+    def k(self) -> int:
+        """Mean active latents per token."""
+        return self.cfg.k
 
     # -- inference ------------------------------------------------------------------------------
 
@@ -83,13 +83,25 @@ class BatchTopKSAE(TopKSAE):
 
     # -- training -------------------------------------------------------------------------------
 
-    def encode_sparse(self, x: torch.Tensor) -> BatchTopKActs:
-        """The kept latents of `x` `[batch, d_in]` in CSR form; updates `threshold` in training mode."""
-        encoder_in, bias = self.sparse_encoder_inputs(x)
-        acts = sparse_batchtopk_encode(encoder_in, self.W_enc, bias, self.k)
+    def encode_sparse(self, x: torch.Tensor) -> SparseLatents:
+        """The kept latents of `x` `[batch, d_in]`; updates `threshold` in training mode."""
+        sae_in, b_dec_path = self.encoder_input(x)
+        latents = sparse_batchtopk_encode(
+            sae_in, self.W_enc, self.b_enc - b_dec_path, self.k, backend=self.kernel_backend
+        )
         if self.training:
-            self.update_threshold(acts.values)
-        return acts
+            self.update_threshold(latents.values)
+        return latents
+
+    def encode_for_training(self, x: torch.Tensor) -> TrainingBatch:
+        latents = self.encode_sparse(x)
+        return TrainingBatch(x, latents.to_sparse_coo(), parts={"latents": latents})
+
+    def decode_for_training(self, batch: TrainingBatch) -> torch.Tensor:
+        return sparse_decode(batch.parts["latents"], self.W_dec, self.b_dec, backend=self.kernel_backend)
+
+    def auxiliary_losses(self, batch: TrainingBatch) -> dict[str, torch.Tensor]:
+        return aux_k_loss(self, batch)
 
     @torch.no_grad()
     def update_threshold(self, kept_values: torch.Tensor) -> None:
@@ -106,71 +118,53 @@ class BatchTopKSAE(TopKSAE):
         else:
             self.threshold.lerp_(smallest, self.cfg.topk_threshold_lr)
 
-    def training_forward_pass(
-        self,
-        x: torch.Tensor,
-        dead_neuron_mask: torch.Tensor | None = None,
-        l1_coefficient: float | None = None,
-    ) -> TrainStepOutput:
-        """Sparse BatchTopK forward: MSE plus AuxK on the latents marked dead. Hooks are bypassed."""
-        acts = self.encode_sparse(x)
-        sae_out = sparse_csr_decode(acts, self.W_dec, self.b_dec)
-        mse_loss = per_token_squared_error(sae_out, x).mean()
-        aux_loss = self.weighted_aux_k_loss(x, sae_out, dead_neuron_mask, mse_loss)
-        feature_acts = sparse_feature_acts(
-            acts.rows, acts.indices, acts.values, acts.n_tokens, self.cfg.d_sae
-        )
-        zero = torch.zeros_like(mse_loss)
-        return TrainStepOutput(sae_out, feature_acts, mse_loss + aux_loss, mse_loss, zero, aux_loss)
-
-    # -- weight surgery -------------------------------------------------------------------------
+    # -- weight surgery and saving --------------------------------------------------------------
 
     @torch.no_grad()
     def fold_W_dec_norm(self) -> None:
         """Unit-norm decoder rows, norms moved into the encoder and the threshold.
 
-        Inference (JumpReLU with a per-latent threshold) is unchanged, unlike for TopK, whose
-        override refuses: each latent's pre-activation and threshold scale together. (The batch
-        top-k competition of further training would see the rescaled pre-activations.)
+        Inference (JumpReLU with a per-latent threshold) is unchanged, unlike for TopK, which
+        refuses: each latent's pre-activation and threshold scale together. (The batch top-k
+        competition of further training would see the rescaled pre-activations.)
         """
         norms = self.W_dec.norm(dim=-1)
-        SparseAutoencoder.fold_W_dec_norm(self)
+        super().fold_W_dec_norm()
         self.threshold.mul_(norms)
 
-    # -- saving ---------------------------------------------------------------------------------
+    def jumprelu_config(self) -> SAEConfig:
+        """The config of the equivalent JumpReLU SAE, which is what `save_model` writes by default.
+
+        The training-only options (k, aux_k, ...) are not JumpReLU options; `metadata` keeps
+        `trained_architecture` and `batchtopk_k` so the folder records how it was trained.
+        """
+        metadata = dict(self.cfg.metadata)
+        metadata.setdefault("trained_architecture", self.architecture_name)
+        metadata.setdefault("batchtopk_k", self.cfg.k)
+        return JumpReLUSAEConfig(
+            d_in=self.cfg.d_in,
+            d_sae=self.cfg.d_sae,
+            dtype=self.cfg.dtype,
+            device=self.cfg.device,
+            apply_b_dec_to_input=self.cfg.apply_b_dec_to_input,
+            decoder_init_norm=self.cfg.decoder_init_norm,
+            metadata=metadata,
+        )
 
     def save_model(
         self,
         path: str | Path,
         sparsity: torch.Tensor | None = None,
         *,
+        input_scale: float = 1.0,
+        config: SAEConfig | None = None,
         as_jumprelu: bool = True,
     ) -> Path:
-        """Write the SAE folder; by default as a `jumprelu` SAE, as SAELens saves BatchTopK.
+        """Write the SAE folder; by default as the equivalent `jumprelu` SAE, as SAELens saves BatchTopK.
 
-        With `as_jumprelu` the folder's cfg.json says `"architecture": "jumprelu"` with `k` and
-        `aux_k` cleared (inference does not use them; they are kept in `metadata` as
-        `batchtopk_k` / `trained_architecture`) and the weights are `W_enc, b_enc, W_dec, b_dec,
-        threshold [d_sae]`, so loading gives a JumpReLU SAE with the same inference outputs.
-        With `as_jumprelu=False` it writes this architecture's own folder (same tensors).
+        The weights are `W_enc, b_enc, W_dec, b_dec, threshold [d_sae]` either way; with
+        `as_jumprelu=False` the cfg.json names this architecture, so the folder loads back as it.
         """
-        if not as_jumprelu:
-            return super().save_model(path, sparsity)
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        # The threshold buffer is already per latent, so the tensors are JumpReLU's as they are.
-        state = {name: tensor.detach().contiguous() for name, tensor in self.state_dict().items()}
-        save_file(state, str(path / SAE_WEIGHTS_FILENAME))
-        (path / SAE_CFG_FILENAME).write_text(json.dumps(self.jumprelu_config().to_dict(), indent=2))
-        if sparsity is not None:
-            save_file({"sparsity": sparsity.detach().cpu().contiguous()}, str(path / SPARSITY_FILENAME))
-        return path
-
-    def jumprelu_config(self) -> SAEConfig:
-        """The config of the equivalent JumpReLU SAE (what `save_model` writes by default)."""
-        metadata = dict(self.cfg.metadata)
-        metadata.setdefault("trained_architecture", self.architecture_name)
-        metadata.setdefault("batchtopk_k", self.cfg.k)
-        values = self.cfg.to_dict()
-        values.update(architecture=JUMPRELU_ARCHITECTURE, k=None, aux_k=None, metadata=metadata)
-        return SAEConfig(**values)
+        if config is None:
+            config = self.jumprelu_config() if as_jumprelu else self.cfg
+        return super().save_model(path, sparsity, input_scale=input_scale, config=config)

@@ -10,22 +10,25 @@ The L1 penalty acts on the gate path only, so it does not shrink the magnitudes 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from sae_lens.saes.sae import (
-    SAEConfig,
+    L1PenaltyConfig,
     SparseAutoencoder,
-    TrainStepOutput,
+    TrainingBatch,
     b_dec_gradient_path,
+    decoder_weighted_lp,
     per_token_squared_error,
     register_architecture,
 )
 
-if TYPE_CHECKING:
-    from sae_lens.config import LanguageModelSAERunnerConfig
+
+@dataclass
+class GatedSAEConfig(L1PenaltyConfig):
+    """A gated SAE: a gate path decides which latents fire, a magnitude path how strongly (the
+    penalty acts on the gate path)."""
 
 
 @register_architecture("gated")
@@ -33,95 +36,79 @@ class GatedSAE(SparseAutoencoder):
     """Gated SAE with SAELens 6.x parameter names.
 
     Parameters: `W_enc [d_in, d_sae]`, `b_gate [d_sae]`, `r_mag [d_sae]`, `b_mag [d_sae]`,
-    `W_dec [d_sae, d_in]`, `b_dec [d_in]`; the base class's `b_enc` is removed, so `state_dict()`
-    matches SAELens gated files key for key. Initialisation: the base's decoder and tied encoder,
-    `b_gate = r_mag = b_mag = 0`.
+    `W_dec [d_sae, d_in]`, `b_dec [d_in]` (no `b_enc`), so `state_dict()` matches SAELens gated
+    files key for key. Initialisation: the base's decoder and tied encoder, `b_gate = r_mag = b_mag = 0`.
 
     `encode_pre` (and `hook_hidden_pre`) give the magnitude pre-activation π_mag; `activation` is
     the magnitude ReLU alone, so `encode` (not `activation(encode_pre(x))`) applies the gate.
 
-    Training loss (`training_forward_pass`):
+    Training losses:
 
-    - `mse_loss`: ‖x - x̂‖² summed over d_in, mean over tokens;
-    - `l1_loss`: `l1_coefficient` · mean over tokens of ‖relu(π_gate) ⊙ ‖W_dec rows‖‖_p
-      (p = `lp_norm`, 1 by default);
-    - `ghost_grad_loss` (the auxiliary loss, weight 1): ‖x - (relu(π_gate) @ W_dec + b_dec)‖² with
-      W_dec and b_dec frozen (detached), so it trains only the gate encoder (W_enc, b_gate). With
-      `apply_b_dec_to_input`, b_dec's part in π_gate is frozen too: the auxiliary loss sends no
-      gradient to b_dec at all.
+    - `l1`: `l1_coefficient` · mean over tokens of ‖relu(π_gate) ⊙ ‖W_dec rows‖‖_p;
+    - `gated_aux` (weight 1): ‖x - (relu(π_gate) @ W_dec + b_dec)‖² with W_dec and b_dec frozen
+      (detached), so it trains only the gate encoder (W_enc, b_gate). With `apply_b_dec_to_input`,
+      b_dec's part in π_gate is frozen too: the auxiliary loss sends no gradient to b_dec at all.
 
-    Decoder rows are kept at unit norm during training (`normalize_decoder = True`). Ghost grads
-    (`use_ghost_grads`) are not used by this architecture.
+    Decoder rows are kept at unit norm during training (`normalize_decoder = True`).
     """
 
-    def __init__(self, cfg: SAEConfig | LanguageModelSAERunnerConfig) -> None:
-        super().__init__(cfg)
-        del self.b_enc  # the gate and magnitude paths have their own biases
-        d_sae, dtype, device = self.cfg.d_sae, self.dtype, self.device
-        self.b_gate = nn.Parameter(torch.zeros(d_sae, dtype=dtype, device=device))
-        self.r_mag = nn.Parameter(torch.zeros(d_sae, dtype=dtype, device=device))
-        self.b_mag = nn.Parameter(torch.zeros(d_sae, dtype=dtype, device=device))
+    config_class = GatedSAEConfig
+    cfg: GatedSAEConfig
+
+    def init_encoder_parameters(self) -> None:
+        # The gate and magnitude paths have their own biases instead of b_enc.
+        self.b_gate = self.new_parameter(self.cfg.d_sae)
+        self.r_mag = self.new_parameter(self.cfg.d_sae)
+        self.b_mag = self.new_parameter(self.cfg.d_sae)
 
     # -- forward --------------------------------------------------------------------------------
 
-    def gate_pre(self, sae_in: torch.Tensor) -> torch.Tensor:
-        """π_gate `[..., d_sae]` from the encoder's input (`process_sae_in(x)`)."""
-        return sae_in @ self.W_enc + self.b_gate
-
-    def magnitude_pre(self, sae_in: torch.Tensor) -> torch.Tensor:
-        """π_mag `[..., d_sae]` from the encoder's input, through `hook_hidden_pre`."""
-        return self._gate_and_magnitude_pre(sae_in)[1]
-
     def encode_pre(self, x: torch.Tensor) -> torch.Tensor:
         """The magnitude pre-activation π_mag `[..., d_sae]` (the gate is applied by `encode`)."""
-        return self.magnitude_pre(self.process_sae_in(x))
+        return self.gate_and_magnitude_pre(x)[1]
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """`f = 1[π_gate > 0] * relu(π_mag)` `[..., d_sae]`."""
-        return self._encode_parts(self.process_sae_in(x))[0]
+        return self.encode_for_training(x).feature_acts
 
-    def _gate_and_magnitude_pre(self, sae_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(π_gate, π_mag) from one matmul, as `sae_in @ (W_enc * exp(r_mag)) = (sae_in @ W_enc) * exp(r_mag)`."""
+    def gate_and_magnitude_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(π_gate, π_mag) from one matmul, as `sae_in @ (W_enc * exp(r_mag)) = (sae_in @ W_enc) * exp(r_mag)`.
+
+        The encoder input's b_dec path term (see `encoder_input`) enters both biases: π_gate's as
+        is, π_mag's scaled by exp(r_mag), since π_mag = (projection - path) * exp(r_mag) + b_mag.
+        """
+        sae_in, b_dec_path = self.encoder_input(x)
         projection = sae_in @ self.W_enc
-        pi_gate = projection + self.b_gate
-        pi_mag = self.hook_hidden_pre(torch.addcmul(self.b_mag, projection, torch.exp(self.r_mag)))
-        return pi_gate, pi_mag
+        magnitude_scale = torch.exp(self.r_mag)
+        pi_gate = projection + (self.b_gate - b_dec_path)
+        pi_mag = torch.addcmul(self.b_mag - b_dec_path * magnitude_scale, projection, magnitude_scale)
+        return pi_gate, self.hook_hidden_pre(pi_mag)
 
-    def _encode_parts(self, sae_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(feature_acts, π_gate)."""
-        pi_gate, pi_mag = self._gate_and_magnitude_pre(sae_in)
+    def encode_for_training(self, x: torch.Tensor) -> TrainingBatch:
+        pi_gate, pi_mag = self.gate_and_magnitude_pre(x)
         magnitudes = self.activation(pi_mag)
         # where() keeps only a boolean mask for backward; multiplying by a float mask would keep a
         # [batch, d_sae] float copy of it alive until the backward pass.
         feature_acts = self.hook_hidden_post(torch.where(pi_gate > 0, magnitudes, 0.0))
-        return feature_acts, pi_gate
+        return TrainingBatch(x, feature_acts, pi_mag, parts={"pi_gate": pi_gate})
 
     # -- training -------------------------------------------------------------------------------
 
-    def training_forward_pass(
-        self,
-        x: torch.Tensor,
-        dead_neuron_mask: torch.Tensor | None = None,
-        l1_coefficient: float | None = None,
-    ) -> TrainStepOutput:
-        """MSE + gate L1 + frozen-decoder auxiliary reconstruction; `dead_neuron_mask` is unused."""
-        sae_in = self.process_sae_in(x)
-        feature_acts, pi_gate = self._encode_parts(sae_in)
-        sae_out = self.decode(feature_acts)
-        x = x.to(sae_out.dtype)
-        mse_loss = per_token_squared_error(sae_out, x).mean()
-        coefficient = self.cfg.l1_coefficient if l1_coefficient is None else l1_coefficient
-        l1_loss = coefficient * self.sparsity_penalty(torch.relu(pi_gate))
-
+    def auxiliary_losses(self, batch: TrainingBatch) -> dict[str, torch.Tensor]:
+        """The gate L1 and the frozen-decoder auxiliary reconstruction; `dead_neuron_mask` is unused."""
+        pi_gate = batch.parts["pi_gate"]
+        l1 = batch.l1_coefficient * decoder_weighted_lp(torch.relu(pi_gate), self.W_dec, self.cfg.lp_norm)
         # The auxiliary path must not train b_dec, which π_gate depends on through `x - b_dec`. A
         # zero-valued term cancels that gradient, instead of a second [batch, d_sae] matmul.
         pi_gate_aux = pi_gate
         if self.cfg.apply_b_dec_to_input:
             pi_gate_aux = pi_gate + b_dec_gradient_path(self.b_dec, self.W_enc)
         via_gate = torch.relu(pi_gate_aux) @ self.W_dec.detach() + self.b_dec.detach()
-        aux_loss = per_token_squared_error(via_gate, x).mean()
-        loss = mse_loss + l1_loss + aux_loss
-        return TrainStepOutput(sae_out, feature_acts, loss, mse_loss, l1_loss, aux_loss)
+        return {"l1": l1, "gated_aux": per_token_squared_error(via_gate, batch.goal).mean()}
+
+    def sparsity_penalty(self, gate_acts: torch.Tensor) -> torch.Tensor:
+        """The unweighted gate penalty of `relu(π_gate)` `[batch, d_sae]`, before `l1_coefficient`."""
+        return decoder_weighted_lp(gate_acts, self.W_dec, self.cfg.lp_norm)
 
     # -- weight surgery -------------------------------------------------------------------------
 

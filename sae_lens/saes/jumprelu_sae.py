@@ -14,22 +14,15 @@ Only tokens whose pre-activation lies within ε/2 of a threshold move that thres
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
+from sae_lens.config_fields import non_negative, one_of, option, optional, positive
 from sae_lens.errors import SAELensError
-from sae_lens.saes.sae import (
-    SAEConfig,
-    SparseAutoencoder,
-    TrainStepOutput,
-    per_token_squared_error,
-    register_architecture,
-)
-
-if TYPE_CHECKING:
-    from sae_lens.config import LanguageModelSAERunnerConfig
+from sae_lens.saes.sae import SAEConfig, SparseAutoencoder, TrainingBatch, register_architecture
 
 SPARSITY_LOSS_MODES = ("step", "tanh")
 
@@ -109,6 +102,24 @@ def _log_threshold_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
+@dataclass
+class JumpReLUSAEConfig(SAEConfig):
+    """A JumpReLU SAE: per-latent learned thresholds, trained with an L0-style penalty."""
+
+    l1_coefficient: float = option(1e-3, non_negative)
+    """Weight of the sparsity penalty (an L0 count here, despite the seed-era name)."""
+    jumprelu_init_threshold: float = option(0.001, positive)
+    """Initial per-latent threshold."""
+    jumprelu_bandwidth: float = option(0.001, positive)
+    """Width of the straight-through estimator's rectangle kernel."""
+    jumprelu_sparsity_loss_mode: str = option("step", one_of(*SPARSITY_LOSS_MODES))
+    """`step` (L0) or `tanh` (smooth L0) sparsity penalty."""
+    jumprelu_tanh_scale: float = option(4.0, positive)
+    """Scale inside tanh for the `tanh` penalty."""
+    target_l0: float | None = option(None, optional(positive))
+    """When set, the penalty is l1_coefficient * (L0 / target_l0 - 1)^2 instead."""
+
+
 @register_architecture("jumprelu")
 class JumpReLUSAE(SparseAutoencoder):
     """JumpReLU SAE: `f = pre * H(pre - θ)` with a learned per-latent threshold θ `[d_sae]`.
@@ -140,28 +151,17 @@ class JumpReLUSAE(SparseAutoencoder):
     Decoder rows are not renormalised during training (`normalize_decoder = False`), as in SAELens:
     both penalties are unchanged by moving length between a latent's encoder and decoder, so there
     is nothing to pin. `fold_W_dec_norm` moves the norms into the encoder and the thresholds when a
-    unit-norm decoder is wanted. There is no dead-latent auxiliary loss (`ghost_grad_loss` is 0).
+    unit-norm decoder is wanted. There is no dead-latent auxiliary loss; the penalty is the loss term `l0`.
     """
 
+    config_class = JumpReLUSAEConfig
+    cfg: JumpReLUSAEConfig
     normalize_decoder = False
 
-    def __init__(self, cfg: SAEConfig | LanguageModelSAERunnerConfig) -> None:
-        super().__init__(cfg)
+    def init_encoder_parameters(self) -> None:
+        super().init_encoder_parameters()
         init = torch.full((self.cfg.d_sae,), math.log(self.cfg.jumprelu_init_threshold), dtype=torch.float64)
         self.log_threshold = nn.Parameter(init.to(self.device, _log_threshold_dtype(self.device)))
-
-    def validate_config(self) -> None:
-        cfg = self.cfg
-        if cfg.jumprelu_sparsity_loss_mode not in SPARSITY_LOSS_MODES:
-            raise SAELensError(
-                f"jumprelu_sparsity_loss_mode must be one of {', '.join(SPARSITY_LOSS_MODES)}; "
-                f"got {cfg.jumprelu_sparsity_loss_mode!r}"
-            )
-        for name in ("jumprelu_bandwidth", "jumprelu_init_threshold"):
-            if not getattr(cfg, name) > 0:
-                raise SAELensError(f"{name} must be positive, got {getattr(cfg, name)!r}")
-        if cfg.target_l0 is not None and not cfg.target_l0 > 0:
-            raise SAELensError(f"target_l0 must be positive or unset, got {cfg.target_l0!r}")
 
     # -- threshold ------------------------------------------------------------------------------
 
@@ -183,21 +183,9 @@ class JumpReLUSAE(SparseAutoencoder):
 
     # -- training -------------------------------------------------------------------------------
 
-    def training_forward_pass(
-        self,
-        x: torch.Tensor,
-        dead_neuron_mask: torch.Tensor | None = None,
-        l1_coefficient: float | None = None,
-    ) -> TrainStepOutput:
-        """MSE plus the weighted sparsity penalty (see the class docstring); `dead_neuron_mask` is unused."""
-        hidden_pre = self.encode_pre(x)
-        feature_acts = self.hook_hidden_post(self.activation(hidden_pre))
-        sae_out = self.decode(feature_acts)
-        mse_loss = per_token_squared_error(sae_out, x).mean()
-        coefficient = self.cfg.l1_coefficient if l1_coefficient is None else l1_coefficient
-        l1_loss = coefficient * self.sparsity_penalty(feature_acts, hidden_pre)
-        zero = torch.zeros((), dtype=mse_loss.dtype, device=mse_loss.device)
-        return TrainStepOutput(sae_out, feature_acts, mse_loss + l1_loss, mse_loss, l1_loss, zero)
+    def auxiliary_losses(self, batch: TrainingBatch) -> dict[str, torch.Tensor]:
+        """The weighted sparsity penalty (see the class docstring); `dead_neuron_mask` is unused."""
+        return {"l0": batch.l1_coefficient * self.sparsity_penalty(batch.feature_acts, batch.hidden_pre)}
 
     def sparsity_penalty(
         self, feature_acts: torch.Tensor, hidden_pre: torch.Tensor | None = None

@@ -11,18 +11,15 @@ Inference is BatchTopK's JumpReLU, and the SAE is saved as a `jumprelu` SAE in t
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 
 import torch
 
+from sae_lens.config_fields import option
 from sae_lens.errors import SAELensError
-from sae_lens.kernels.sparse_batchtopk import BatchTopKActs, sparse_csr_decode
-from sae_lens.saes.batchtopk_sae import BatchTopKSAE
-from sae_lens.saes.sae import (
-    TrainStepOutput,
-    per_token_squared_error,
-    register_architecture,
-    sparse_feature_acts,
-)
+from sae_lens.kernels import sparse_decode
+from sae_lens.saes.batchtopk_sae import BatchTopKSAE, BatchTopKSAEConfig
+from sae_lens.saes.sae import TrainingBatch, per_token_squared_error, register_architecture
 
 
 def default_matryoshka_widths(d_sae: int) -> list[int]:
@@ -30,38 +27,45 @@ def default_matryoshka_widths(d_sae: int) -> list[int]:
     return sorted({w for w in (d_sae // 16, d_sae // 4, d_sae) if w > 0})
 
 
-@register_architecture("matryoshka_batchtopk")
-class MatryoshkaBatchTopKSAE(BatchTopKSAE):
-    """BatchTopK SAE trained so that every prefix `latents[:m]`, `m in cfg.matryoshka_widths`,
-    reconstructs the input on its own.
+@dataclass
+class MatryoshkaBatchTopKSAEConfig(BatchTopKSAEConfig):
+    """A BatchTopK SAE whose latent prefixes each reconstruct the input."""
 
-    `cfg.matryoshka_widths` must be strictly ascending positive integers ending at `d_sae`; when
-    unset it is `default_matryoshka_widths(d_sae)` = `[d_sae//16, d_sae//4, d_sae]`.
+    matryoshka_widths: list[int] | None = option(None)
+    """Nested prefix widths (strictly ascending, last = d_sae); `[d_sae//16, d_sae//4, d_sae]` when unset."""
 
-    `training_forward_pass` returns `loss` = the sum over prefixes of each prefix's MSE (squared
-    error summed over d_in, averaged over tokens) + AuxK; `mse_loss` and `sae_out` are those of the
-    full width (so they compare with other architectures). The kept latents are decoded once: the
-    entries are split into the bands `[m_{i-1}, m_i)`, each band is decoded sparsely, and the
-    prefix reconstructions are running sums of the band outputs (plus `b_dec`).
-    """
-
-    def validate_config(self) -> None:
-        super().validate_config()
-        widths = self.cfg.matryoshka_widths
+    def validate(self) -> None:
+        super().validate()
+        widths = self.matryoshka_widths
         if widths is None:
             return
-        d_sae = self.cfg.d_sae
         if (
             not isinstance(widths, (list, tuple))
             or not widths
             or not all(isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in widths)
             or any(a >= b for a, b in itertools.pairwise(widths))
-            or widths[-1] != d_sae
+            or widths[-1] != self.d_sae
         ):
             raise SAELensError(
                 "matryoshka_widths must be strictly ascending positive integers ending at "
-                f"d_sae ({d_sae}); got {widths!r}"
+                f"d_sae ({self.d_sae}); got {widths!r}"
             )
+
+
+@register_architecture("matryoshka_batchtopk")
+class MatryoshkaBatchTopKSAE(BatchTopKSAE):
+    """BatchTopK SAE trained so that every prefix `latents[:m]`, `m in cfg.matryoshka_widths`,
+    reconstructs the input on its own.
+
+    The training losses are `mse` (the full width's, so it compares with other architectures),
+    `matryoshka_prefix_i` for each narrower prefix i, and AuxK on the full-width residual; `loss`
+    is their sum. The kept latents are decoded once: the entries are split into the bands
+    `[m_{i-1}, m_i)`, each band is decoded sparsely, and the prefix reconstructions are running
+    sums of the band outputs (plus `b_dec`).
+    """
+
+    config_class = MatryoshkaBatchTopKSAEConfig
+    cfg: MatryoshkaBatchTopKSAEConfig
 
     @property
     def matryoshka_widths(self) -> list[int]:
@@ -69,37 +73,31 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
         widths = self.cfg.matryoshka_widths
         return list(widths) if widths is not None else default_matryoshka_widths(self.cfg.d_sae)
 
-    def prefix_reconstructions(self, acts: BatchTopKActs) -> list[torch.Tensor]:
+    def prefix_reconstructions(self, batch: TrainingBatch) -> list[torch.Tensor]:
         """Reconstructions `[n_tokens, d_in]` from the latents below each width, in width order."""
+        latents = batch.parts["latents"]
         widths = self.matryoshka_widths
         if len(widths) == 1:
-            return [sparse_csr_decode(acts, self.W_dec, self.b_dec)]
-        bounds = torch.tensor(widths, dtype=acts.indices.dtype, device=acts.indices.device)
-        band_of_entry = torch.bucketize(acts.indices, bounds, right=True)
+            return [sparse_decode(latents, self.W_dec, self.b_dec, backend=self.kernel_backend)]
+        bounds = torch.tensor(widths, dtype=latents.indices.dtype, device=latents.indices.device)
+        band_of_entry = torch.bucketize(latents.indices, bounds, right=True)
         outputs: list[torch.Tensor] = []
         running: torch.Tensor | None = None
         for band in range(len(widths)):
-            part = sparse_csr_decode(acts.subset(band_of_entry == band), self.W_dec, None)
+            band_latents = latents.subset(band_of_entry == band)
+            part = sparse_decode(band_latents, self.W_dec, None, backend=self.kernel_backend)
             running = part + self.b_dec if running is None else running + part
             outputs.append(running)
         return outputs
 
-    def training_forward_pass(
-        self,
-        x: torch.Tensor,
-        dead_neuron_mask: torch.Tensor | None = None,
-        l1_coefficient: float | None = None,
-    ) -> TrainStepOutput:
-        """Sparse forward: the sum of the prefix MSEs plus AuxK (on the full-width residual)."""
-        acts = self.encode_sparse(x)
-        reconstructions = self.prefix_reconstructions(acts)
-        prefix_losses = [per_token_squared_error(r, x).mean() for r in reconstructions]
-        sae_out = reconstructions[-1]
-        mse_loss = prefix_losses[-1]
-        aux_loss = self.weighted_aux_k_loss(x, sae_out, dead_neuron_mask, mse_loss)
-        loss = torch.stack(prefix_losses).sum() + aux_loss
-        feature_acts = sparse_feature_acts(
-            acts.rows, acts.indices, acts.values, acts.n_tokens, self.cfg.d_sae
-        )
-        zero = torch.zeros_like(mse_loss)
-        return TrainStepOutput(sae_out, feature_acts, loss, mse_loss, zero, aux_loss)
+    def decode_for_training(self, batch: TrainingBatch) -> torch.Tensor:
+        reconstructions = self.prefix_reconstructions(batch)
+        batch.parts["prefix_reconstructions"] = reconstructions[:-1]
+        return reconstructions[-1]
+
+    def auxiliary_losses(self, batch: TrainingBatch) -> dict[str, torch.Tensor]:
+        losses = {
+            f"matryoshka_prefix_{i}": per_token_squared_error(reconstruction, batch.goal).mean()
+            for i, reconstruction in enumerate(batch.parts["prefix_reconstructions"])
+        }
+        return losses | super().auxiliary_losses(batch)

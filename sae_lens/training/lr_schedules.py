@@ -5,10 +5,10 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-from sae_lens.config import LanguageModelSAERunnerConfig
+from sae_lens.training.config import TrainerConfig
 
 
-def build_lr_lambda(cfg: LanguageModelSAERunnerConfig) -> Callable[[int], float]:
+def build_lr_lambda(cfg: TrainerConfig) -> Callable[[int], float]:
     """`step -> LR multiplier` for `torch.optim.lr_scheduler.LambdaLR`.
 
     Warm-up rises linearly from 1/warm_up to 1 over `lr_warm_up_steps`; after it, `constant`

@@ -1,5 +1,5 @@
-"""The one training loop. Every architecture trains here; they differ only in
-`training_forward_pass`.
+"""The one training loop. Every architecture trains here; they differ only in their encode, decode and
+auxiliary losses.
 
 One step: scale the batch -> forward with losses -> backward -> drop the decoder-parallel gradient
 -> Adam -> renormalise the decoder -> LR schedule -> update the dead-latent counters -> log.
@@ -7,6 +7,8 @@ One step: scale the batch -> forward with losses -> backward -> drop the decoder
 
 from __future__ import annotations
 
+import contextlib
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from itertools import chain
@@ -16,14 +18,16 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from sae_lens import cpu_memory
-from sae_lens.config import LanguageModelSAERunnerConfig
+from sae_lens import cpu_memory, distributed
 from sae_lens.errors import SAELensError
 from sae_lens.evals import explained_variance
 from sae_lens.geometric_median import geometric_median
 from sae_lens.metrics_logger import MetricsLogger
 from sae_lens.saes.sae import SparseAutoencoder, latent_fire_counts
-from sae_lens.training.lr_schedules import build_lr_lambda
+from sae_lens.training.checkpoint import write_checkpoint
+from sae_lens.training.config import TrainerConfig
+from sae_lens.training.state import TrainingState
+from sae_lens.training.stopping import GracefulStop, TrainingDiverged, TrainingInterrupted
 
 Evaluator = Callable[[SparseAutoencoder, float], dict[str, Any]]
 """Called as `evaluator(sae, input_scale)`; returns metrics to log (tensors are logged as histograms)."""
@@ -32,130 +36,206 @@ Evaluator = Callable[[SparseAutoencoder, float], dict[str, Any]]
 class SAETrainer:
     """Trains `sae` on any iterable of `[batch, d_in]` activation tensors.
 
-    `evaluator`, when given, runs every `eval_every_n_wandb_logs` logs and at the end; `logger`
-    receives every metric; `checkpoint_dir` receives `n_checkpoints` evenly spaced checkpoints.
-    After `fit`, the SAE takes raw activations (an input scale used in training is folded in).
+    `cfg` is a `TrainerConfig` (a `LanguageModelSAERunnerConfig` is one). `evaluator`, when given,
+    runs every `eval_every_n_wandb_logs` logs and at the end; `logger` receives every metric;
+    `checkpoint_dir` receives `n_checkpoints` evenly spaced checkpoints. All state that training
+    carries from step to step is in `self.state` (a `TrainingState`). After `fit`, the SAE takes raw
+    activations (an input scale used in training is folded in).
     """
 
     def __init__(
         self,
-        cfg: LanguageModelSAERunnerConfig,
+        cfg: TrainerConfig,
         sae: SparseAutoencoder,
         *,
         evaluator: Evaluator | None = None,
         logger: MetricsLogger | None = None,
         checkpoint_dir: str | Path | None = None,
         show_progress: bool = True,
+        checkpoint_extra: Callable[[], dict[str, Any]] | None = None,
+        name: str = "sae",
+        data_parallel: bool = True,
     ) -> None:
         self.cfg = cfg
+        self.name = name
+        """The SAE's name in checkpoints and progress bars (a runner uses the run name)."""
+        self.data_parallel = data_parallel and distributed.is_distributed()
+        """Under torchrun: average gradients and statistics across ranks (each rank has its own data).
+        False when this rank alone trains this SAE on gathered batches (`distribute_saes`)."""
         self.sae = sae
+        self.state = TrainingState(cfg, sae)
         self.evaluator = evaluator
         self.logger = logger
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.show_progress = show_progress
-        self.optimizer = torch.optim.Adam(
-            sae.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), fused=True
-        )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, build_lr_lambda(cfg))
-        d_sae = sae.cfg.d_sae
-        self.steps_since_fired = torch.zeros(d_sae, dtype=torch.long, device=sae.device)
-        self.fire_counts = torch.zeros(d_sae, dtype=torch.float64, device=sae.device)
-        self.window_fire_counts = torch.zeros(d_sae, dtype=torch.float64, device=sae.device)
-        self.window_tokens = 0
-        self.input_scale = 1.0
-        self.n_steps = 0
-        self.n_tokens = 0
+        self.checkpoint_extra = checkpoint_extra
+        """Called when a checkpoint is written; what it returns is saved too (the store's position)."""
         self.last_eval: dict[str, Any] = {}
         self.ran_out_of_data = False
-        self._reuse_freed_memory()
+        self._graceful_stop = GracefulStop()
+
+    # Seed-era attribute names, read from the state.
+    optimizer = property(lambda self: self.state.optimizer)
+    scheduler = property(lambda self: self.state.scheduler)
+    n_steps = property(lambda self: self.state.n_steps)
+    n_tokens = property(lambda self: self.state.n_tokens)
+    input_scale = property(lambda self: self.state.input_scale)
+    steps_since_fired = property(lambda self: self.state.steps_since_fired)
+    fire_counts = property(lambda self: self.state.fire_counts)
 
     # -- the loop -------------------------------------------------------------------------------
 
-    def fit(self, activation_batches: Iterable[torch.Tensor]) -> SparseAutoencoder:
-        """Train until `total_training_tokens` or until the batches run out; returns the SAE."""
-        self._reuse_freed_memory()
-        try:
-            return self._fit(activation_batches)
-        finally:
-            # Hand the memory cached for the steps back to the OS (see cpu_memory).
-            cpu_memory.restore_default_allocator()
-
-    def _reuse_freed_memory(self) -> None:
-        # Without this every CPU step page-faults its working set back in (see cpu_memory).
+    def allocator_policy(self) -> contextlib.AbstractContextManager[bool]:
+        """The CPU allocator setting for this SAE's training (see `sae_lens.cpu_memory`): the one
+        place it is decided. `fit` holds it; wrap direct `train_step` calls in it too."""
         wanted = self.cfg.cpu_reuse_freed_memory
         if wanted is None:
             wanted = self.sae.reuse_freed_cpu_memory
-        if wanted and self.sae.device.type == "cpu":
-            cpu_memory.reuse_freed_memory()
+        return cpu_memory.reusing_freed_memory(bool(wanted) and self.sae.device.type == "cpu")
+
+    def fit(self, activation_batches: Iterable[torch.Tensor]) -> SparseAutoencoder:
+        """Train until `total_training_tokens` or until the batches run out; returns the SAE."""
+        with self.session():
+            return self._fit(activation_batches)
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[None]:
+        """What a training loop runs inside: the allocator policy and the graceful stop on SIGINT /
+        SIGTERM. `fit` uses it; so does a runner that drives `begin` / `step` / `end` itself."""
+        with self.allocator_policy(), self._graceful_stop:
+            yield
 
     def _fit(self, activation_batches: Iterable[torch.Tensor]) -> SparseAutoencoder:
         batches = iter(activation_batches)
         first = next(batches, None)
         if first is None:
             raise SAELensError("no activations to train on: the dataset produced no tokens")
-        self._check_batch(first)
-        self._initialise_from(first)
+        self.begin(first)
+        for x in self._limited(chain([first], batches), self.cfg.total_training_steps - self.n_steps):
+            self.step(x)
+            if self._graceful_stop.requested is not None:
+                self._stop(self._graceful_stop.requested)
+        return self.end()
+
+    # The loop in three parts, so that a runner can drive several trainers from one batch stream.
+
+    def begin(self, first_batch: torch.Tensor, first_target: torch.Tensor | None = None) -> None:
+        """Check the first batch, set b_dec and the input scale from it (once per run), start the clock.
+
+        For a transcoder b_dec lives in the output space, so it starts from `first_target`."""
+        self._check_batch(first_batch)
+        self._initialise_from(first_batch, first_target)
         total_steps = self.cfg.total_training_steps
-        checkpoint_steps = self._checkpoint_steps(total_steps)
-        progress = tqdm(total=total_steps, disable=not self.show_progress, desc="training", unit="step")
-        started = time.perf_counter()
-        n_logs = 0
-        for x in self._limited(chain([first], batches), total_steps):
-            step = self.n_steps + 1
-            log_now = step % self.cfg.wandb_log_frequency == 0 or step == total_steps
-            metrics = self.train_step(x, return_metrics=log_now)
-            progress.update(1)
-            if log_now:
-                n_logs += 1
-                metrics["tokens_per_second"] = self.n_tokens / (time.perf_counter() - started)
-                if n_logs % self.cfg.eval_every_n_wandb_logs == 0:
-                    metrics.update(self.evaluate())
-                self._log(metrics)
-                progress.set_postfix(
-                    tok_s=f"{metrics['tokens_per_second']:.0f}",
-                    L0=f"{metrics['l0']:.1f}",
-                    EV=f"{metrics['explained_variance']:.3f}",
-                )
-            if self.n_steps % self.cfg.feature_sampling_window == 0:
-                self._log_density_window()
-            if self.n_steps in checkpoint_steps and self.checkpoint_dir is not None:
-                self.save_checkpoint(self.checkpoint_dir / f"step_{self.n_steps}")
-        progress.close()
-        self.ran_out_of_data = self.n_steps < total_steps
+        self._checkpoint_steps_set = self._checkpoint_steps(total_steps)
+        self._progress = tqdm(
+            total=total_steps,
+            initial=self.n_steps,
+            disable=not self.show_progress,
+            desc="training",
+            unit="step",
+        )
+        self._started = time.perf_counter()
+        self._tokens_at_start = self.n_tokens
+
+    @property
+    def done(self) -> bool:
+        """Whether `total_training_tokens` have been trained."""
+        return self.n_steps >= self.cfg.total_training_steps
+
+    def step(self, x: torch.Tensor, target: torch.Tensor | None = None) -> dict[str, Any]:
+        """One step with its logging, evaluation, density window and checkpoint."""
+        step = self.n_steps + 1
+        frequency = self.cfg.wandb_log_frequency
+        log_now = step % frequency == 0 or step == self.cfg.total_training_steps
+        metrics = self.train_step(x, return_metrics=log_now, target=target)
+        self._progress.update(1)
+        if log_now:
+            elapsed = time.perf_counter() - self._started
+            metrics["tokens_per_second"] = (self.n_tokens - self._tokens_at_start) / max(elapsed, 1e-9)
+            # Counted from the step number, so a resumed run evaluates at the same steps.
+            if step % frequency == 0 and (step // frequency) % self.cfg.eval_every_n_wandb_logs == 0:
+                metrics.update(self.evaluate())
+            self._log(metrics)
+            self._progress.set_postfix(
+                tok_s=f"{metrics['tokens_per_second']:.0f}",
+                L0=f"{metrics['l0']:.1f}",
+                EV=f"{metrics['explained_variance']:.3f}",
+            )
+        if self.n_steps % self.cfg.feature_sampling_window == 0:
+            self._close_density_window()
+        if self.n_steps in self._checkpoint_steps_set and self.checkpoint_dir is not None:
+            self.save_checkpoint(self.checkpoint_dir / f"step_{self.n_steps}")
+        return metrics
+
+    def end(self) -> SparseAutoencoder:
+        """Final evaluation, then fold the input scale in; returns the SAE."""
+        self._progress.close()
+        self.ran_out_of_data = self.n_steps < self.cfg.total_training_steps
         self.last_eval = self.evaluate()
-        self._log({key: value for key, value in self.last_eval.items()})
+        self._log(dict(self.last_eval))
         self.finalise()
         return self.sae
 
-    def train_step(self, x: torch.Tensor, return_metrics: bool = True) -> dict[str, Any]:
-        """One optimiser step on `x` `[batch, d_in]` (raw scale); the step's metrics if asked."""
-        sae = self.sae
+    def _stop(self, signal_number: int) -> None:
+        """Checkpoint (when there is a folder for it), fold the input scale, and raise."""
+        self._progress.close()
+        checkpoint = None
+        if self.checkpoint_dir is not None:
+            checkpoint = self.checkpoint_dir / f"step_{self.n_steps}"
+            if not (checkpoint / "checkpoint.json").is_file():
+                self.save_checkpoint(checkpoint)
+        self.finalise()
+        raise TrainingInterrupted(signal_number, self.n_steps, checkpoint)
+
+    def dead_latents(self) -> torch.Tensor:
+        """`[d_sae]` bool: latents that count as dead now (the window rule, then the threshold rule)."""
+        dead = self.state.steps_since_fired > self.cfg.dead_window_steps
+        return dead | self.state.below_threshold if self.cfg.dead_feature_threshold > 0 else dead
+
+    def train_step(
+        self, x: torch.Tensor, return_metrics: bool = True, target: torch.Tensor | None = None
+    ) -> dict[str, Any]:
+        """One optimiser step on `x` `[batch, d_in]` (raw scale); the step's metrics if asked.
+
+        `target` `[batch, d_out]`: what a transcoder should output (an SAE reconstructs `x`).
+        """
+        sae, state = self.sae, self.state
         if x.ndim != 2 or x.shape[1] != sae.cfg.d_in:
             self._check_batch(x)
         x = x.to(sae.device, sae.dtype)
-        if self.input_scale != 1.0:  # no per-step copy of the batch when there is no scale
-            x = x * self.input_scale
-        dead_mask = self.steps_since_fired > self.cfg.dead_window_steps
+        if target is not None:
+            target = target.to(sae.device, sae.dtype)
+        if state.input_scale != 1.0:  # no per-step copy of the batch when there is no scale
+            x = x * state.input_scale
+        dead_mask = self.dead_latents()
         with torch.autocast(sae.device.type, dtype=torch.bfloat16, enabled=self.cfg.autocast):
-            output = sae.training_forward_pass(x, dead_mask, self.current_l1_coefficient())
-        self.optimizer.zero_grad(set_to_none=True)
+            output = sae.training_forward_pass(x, dead_mask, self.current_l1_coefficient(), target)
+        self._check_loss(output.loss)
+        state.optimizer.zero_grad(set_to_none=True)
         output.loss.backward()
+        if self.data_parallel:
+            distributed.average_gradients(sae)
         if sae.normalize_decoder:
             sae.remove_gradient_parallel_to_decoder_directions()
-        self.optimizer.step()
+        state.optimizer.step()
         if sae.normalize_decoder:
             sae.set_decoder_norm_to_unit_norm()
-        self.scheduler.step()
+        state.scheduler.step()
 
         with torch.no_grad():
             fired_per_latent = latent_fire_counts(output.feature_acts)
-            self.fire_counts += fired_per_latent
-            self.window_fire_counts += fired_per_latent
-            self.steps_since_fired += 1
-            self.steps_since_fired[fired_per_latent > 0] = 0
-        self.n_steps += 1
-        self.n_tokens += x.shape[0]
-        self.window_tokens += x.shape[0]
+            n_tokens = x.shape[0]
+            if self.data_parallel:
+                distributed.average_buffers(sae)
+                distributed.sum_(fired_per_latent)
+                n_tokens *= distributed.world_size()
+            state.fire_counts += fired_per_latent
+            state.window_fire_counts += fired_per_latent
+            state.steps_since_fired += 1
+            state.steps_since_fired[fired_per_latent > 0] = 0
+        state.n_steps += 1
+        state.n_tokens += n_tokens
+        state.window_tokens += n_tokens
         if not return_metrics:
             return {}
         with torch.no_grad():
@@ -164,19 +244,48 @@ class SAETrainer:
                 "mse_loss": output.mse_loss.item(),
                 "l1_loss": output.l1_loss.item(),
                 "aux_loss": output.ghost_grad_loss.item(),
-                "l0": fired_per_latent.sum().item() / x.shape[0],
-                "explained_variance": explained_variance(x, output.sae_out),
+                **{f"losses/{name}": value.item() for name, value in output.losses.items()},
+                "l0": fired_per_latent.sum().item() / n_tokens,
+                "explained_variance": explained_variance(x if target is None else target, output.sae_out),
                 "dead_fraction": dead_mask.float().mean().item(),
-                "lr": self.scheduler.get_last_lr()[0],
-                "l1_coefficient": self.current_l1_coefficient(),
-                "tokens": self.n_tokens,
+                "lr": state.scheduler.get_last_lr()[0],
+                "l1_coefficient": self.current_l1_coefficient() or 0.0,
+                "tokens": state.n_tokens,
             }
 
-    def current_l1_coefficient(self) -> float:
-        """The sparsity coefficient after linear warm-up over `l1_warm_up_steps`."""
+    def _check_loss(self, loss: torch.Tensor) -> None:
+        """Stop before the optimiser step when the loss is not finite or has exploded."""
+        value = loss.item()
+        if self.data_parallel:
+            value = distributed.max_of(value)  # every rank must take the same decision
+        state = self.state
+        if math.isnan(state.first_loss):
+            state.first_loss = value
+        limit = self.cfg.divergence_factor * abs(state.first_loss)
+        if math.isfinite(value) and (value <= limit or not math.isfinite(limit)):
+            return
+        step = state.n_steps + 1
+        what = (
+            f"loss {value:.4g}"
+            if not math.isfinite(value)
+            else (
+                f"loss {value:.4g}, over {self.cfg.divergence_factor:g}x its first-step value {state.first_loss:.4g}"
+            )
+        )
+        lr = state.scheduler.get_last_lr()[0]
+        raise TrainingDiverged(
+            f"training diverged at step {step}: {what} (lr {lr:g}); the learning rate is the likely cause: "
+            "lower lr (e.g. by 10x) or add lr_warm_up_steps; nothing was saved over earlier checkpoints"
+        )
+
+    def current_l1_coefficient(self) -> float | None:
+        """The sparsity coefficient after linear warm-up over `l1_warm_up_steps` (None: no penalty)."""
+        coefficient = self.sae.sparsity_coefficient
+        if coefficient is None:
+            return None
         warm_up = self.cfg.l1_warm_up_steps
         ramp = min(1.0, (self.n_steps + 1) / warm_up) if warm_up > 0 else 1.0
-        return self.cfg.l1_coefficient * ramp
+        return coefficient * ramp
 
     # -- initialisation -------------------------------------------------------------------------
 
@@ -187,20 +296,28 @@ class SAETrainer:
             )
 
     @torch.no_grad()
-    def _initialise_from(self, x: torch.Tensor) -> None:
-        """Estimate the input scale and set b_dec, both from the first batch."""
+    def _initialise_from(self, x: torch.Tensor, target: torch.Tensor | None = None) -> None:
+        """Estimate the input scale and set b_dec, both from the first batch (once per run)."""
+        if self.state.initialised:
+            return
         x = x.to(self.sae.device, torch.float32)
+        if self.data_parallel:
+            x = distributed.gather_rows(x)  # every rank initialises from the same global batch
         if self.cfg.normalize_activations == "expected_average_only_in":
             # Scale so the average input norm is sqrt(d_in): hyperparameters then transfer
             # between models whose residual streams differ in size by orders of magnitude.
-            self.input_scale = (self.sae.cfg.d_in**0.5) / x.norm(dim=-1).mean().item()
-            self.sae.cfg.normalize_activations = "expected_average_only_in"
-        x = x * self.input_scale
+            self.state.input_scale = (self.sae.cfg.d_in**0.5) / x.norm(dim=-1).mean().item()
+        outputs = x * self.state.input_scale
+        if target is not None:
+            outputs = target.to(self.sae.device, torch.float32)
+            if self.data_parallel:
+                outputs = distributed.gather_rows(outputs)
         method = self.cfg.b_dec_init_method
         if method == "geometric_median":
-            self.sae.b_dec.copy_(geometric_median(x[:4096]).to(self.sae.dtype))
+            self.sae.b_dec.copy_(geometric_median(outputs[:4096]).to(self.sae.dtype))
         elif method == "mean":
-            self.sae.b_dec.copy_(x.mean(dim=0).to(self.sae.dtype))
+            self.sae.b_dec.copy_(outputs.mean(dim=0).to(self.sae.dtype))
+        self.state.initialised = True
 
     # -- evaluation, logging, saving ------------------------------------------------------------
 
@@ -210,7 +327,7 @@ class SAETrainer:
             return {}
         self.sae.eval()
         try:
-            return self.evaluator(self.sae, self.input_scale)
+            return self.evaluator(self.sae, self.state.input_scale)
         finally:
             self.sae.train()
 
@@ -223,35 +340,66 @@ class SAETrainer:
             if isinstance(value, torch.Tensor):
                 self.logger.log_histogram(name, value, step=self.n_steps)
 
-    def _log_density_window(self) -> None:
-        if self.logger is not None and self.window_tokens > 0:
-            density = self.window_fire_counts / self.window_tokens
-            self.logger.log_histogram("log10_feature_density", torch.log10(density + 1e-10), self.n_steps)
-        self.window_fire_counts.zero_()
-        self.window_tokens = 0
+    def _close_density_window(self) -> None:
+        """Log the window's feature densities and mark the latents below `dead_feature_threshold`."""
+        state = self.state
+        if state.window_tokens > 0:
+            density = state.window_fire_counts / state.window_tokens
+            state.below_threshold = density < self.cfg.dead_feature_threshold
+            if self.logger is not None:
+                self.logger.log_histogram("log10_feature_density", torch.log10(density + 1e-10), self.n_steps)
+        state.window_fire_counts.zero_()
+        state.window_tokens = 0
+
+    def write_sae_folder(self, folder: Path) -> Path:
+        """Save the SAE with raw-scale weights (folded into a copy; training continues unchanged)."""
+        return self.sae.save_model(folder, self.log10_feature_density(), input_scale=self.state.input_scale)
 
     def log10_feature_density(self) -> torch.Tensor:
         """log10 of each latent's firing rate over the whole run, `[d_sae]` (as in sparsity.safetensors)."""
-        return torch.log10(self.fire_counts / max(1, self.n_tokens) + 1e-10).float()
+        return torch.log10(self.state.fire_counts / max(1, self.n_tokens) + 1e-10).float()
 
     @torch.no_grad()
     def finalise(self) -> None:
         """Fold the input scale into the weights, so the SAE takes raw activations."""
-        if self.input_scale != 1.0:
-            self.sae.fold_activation_norm_scaling_factor(self.input_scale)
-            self.input_scale = 1.0
+        if self.state.input_scale != 1.0:
+            self.sae.fold_activation_norm_scaling_factor(self.state.input_scale)
+            self.state.input_scale = 1.0
 
-    def save_checkpoint(self, path: Path) -> None:
-        """Save the SAE (raw-scale weights) without disturbing the training-scale copy."""
-        if self.input_scale == 1.0:
-            self.sae.save_model(path, self.log10_feature_density())
+    def save_checkpoint(self, path: Path) -> Path:
+        """Write a resumable checkpoint folder (see `sae_lens.training.checkpoint`): the SAE with
+        raw-scale weights (folded into a copy; training continues unchanged) and the whole training
+        state. Keeps only the last `keep_last_n_checkpoints` when set."""
+
+        extra = self.checkpoint_extra() if self.checkpoint_extra is not None else {}
+        write_checkpoint(
+            path,
+            sae_writers={self.name: self.write_sae_folder},
+            training_states={self.name: self.state.state_dict()},
+            step=self.n_steps,
+            tokens=self.n_tokens,
+            extra=extra,
+        )
+        self._prune_checkpoints(path.parent)
+        return path
+
+    def _prune_checkpoints(self, folder: Path) -> None:
+        keep = self.cfg.keep_last_n_checkpoints
+        if keep is None:
             return
-        state = {k: v.clone() for k, v in self.sae.state_dict().items()}
-        normalize = self.sae.cfg.normalize_activations
-        self.sae.fold_activation_norm_scaling_factor(self.input_scale)
-        self.sae.save_model(path, self.log10_feature_density())
-        self.sae.load_state_dict(state)
-        self.sae.cfg.normalize_activations = normalize
+        import shutil
+
+        while (oldest := self._oldest_beyond(folder, keep)) is not None:
+            shutil.rmtree(oldest)
+
+    @staticmethod
+    def _oldest_beyond(folder: Path, keep: int) -> Path | None:
+        steps = sorted(
+            int(child.name.removeprefix("step_"))
+            for child in folder.glob("step_*")
+            if child.name.removeprefix("step_").isdigit() and (child / "checkpoint.json").is_file()
+        )
+        return folder / f"step_{steps[0]}" if len(steps) > keep else None
 
     @staticmethod
     def _limited(batches: Iterator[torch.Tensor], n: int) -> Iterator[torch.Tensor]:

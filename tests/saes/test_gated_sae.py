@@ -12,10 +12,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import sae_lens.saes.gated_sae  # noqa: F401  (registers "gated")
-from sae_lens.config import LanguageModelSAERunnerConfig
 from sae_lens.saes.gated_sae import GatedSAE
-from sae_lens.saes.sae import SAEConfig, SparseAutoencoder
+from sae_lens.saes.sae import SparseAutoencoder
+from tests.conftest import make_runner_config, make_sae_config
 
 F64 = torch.float64
 SAELENS_GATED_KEYS = {"W_enc", "b_gate", "r_mag", "b_mag", "W_dec", "b_dec"}
@@ -23,7 +22,7 @@ SAELENS_GATED_KEYS = {"W_enc", "b_gate", "r_mag", "b_mag", "W_dec", "b_dec"}
 
 def make_sae(d_in: int = 2, d_sae: int = 3, dtype: str = "float64", seed: int = 0, **kw: Any) -> GatedSAE:
     torch.manual_seed(seed)
-    sae = SparseAutoencoder(SAEConfig(d_in=d_in, d_sae=d_sae, architecture="gated", dtype=dtype, **kw))
+    sae = SparseAutoencoder(make_sae_config("gated", d_in, d_sae, dtype=dtype, **kw))
     assert isinstance(sae, GatedSAE)
     return sae
 
@@ -113,9 +112,9 @@ def test_parameters_match_saelens_names() -> None:
 
 def test_gate_and_magnitude_by_hand() -> None:
     sae = hand_sae()
-    sae_in = sae.process_sae_in(HAND_X)
-    torch.testing.assert_close(sae.gate_pre(sae_in), HAND_GATE)
-    torch.testing.assert_close(sae.magnitude_pre(sae_in), HAND_MAG)
+    pi_gate, pi_mag = sae.gate_and_magnitude_pre(HAND_X)
+    torch.testing.assert_close(pi_gate, HAND_GATE)
+    torch.testing.assert_close(pi_mag, HAND_MAG)
     torch.testing.assert_close(sae.encode_pre(HAND_X), HAND_MAG)
     torch.testing.assert_close(sae.encode(HAND_X), HAND_F)
     torch.testing.assert_close(sae(HAND_X), HAND_OUT)
@@ -305,7 +304,7 @@ def test_fold_activation_norm_scaling_factor_keeps_outputs() -> None:
 
 
 def test_training_learns_a_sparse_code(train_on_sparse_data: Any) -> None:
-    cfg = LanguageModelSAERunnerConfig(
+    cfg = make_runner_config(
         architecture="gated",
         d_in=16,
         d_sae=64,

@@ -12,18 +12,17 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import sae_lens.saes.jumprelu_sae  # noqa: F401  (registers "jumprelu")
-from sae_lens.config import LanguageModelSAERunnerConfig
 from sae_lens.errors import SAELensError
 from sae_lens.saes.jumprelu_sae import JumpReLUSAE, jumprelu, step
-from sae_lens.saes.sae import SAEConfig, SparseAutoencoder
+from sae_lens.saes.sae import SparseAutoencoder
+from tests.conftest import make_runner_config, make_sae_config
 
 F64 = torch.float64
 
 
 def make_sae(d_in: int = 2, d_sae: int = 3, dtype: str = "float64", seed: int = 0, **kw: Any) -> JumpReLUSAE:
     torch.manual_seed(seed)
-    sae = SparseAutoencoder(SAEConfig(d_in=d_in, d_sae=d_sae, architecture="jumprelu", dtype=dtype, **kw))
+    sae = SparseAutoencoder(make_sae_config("jumprelu", d_in, d_sae, dtype=dtype, **kw))
     assert isinstance(sae, JumpReLUSAE)
     return sae
 
@@ -307,7 +306,8 @@ def test_training_gradients_match_an_autograd_reference(mode: str) -> None:
 
 def test_state_dict_holds_threshold_not_log_threshold() -> None:
     sae = rand_sae(dtype="float32")
-    assert list(sae.state_dict()) == ["W_enc", "b_enc", "W_dec", "b_dec", "threshold"]
+    # The base creates W_enc, W_dec, b_dec, then each architecture its own encoder parameters.
+    assert list(sae.state_dict()) == ["W_enc", "W_dec", "b_dec", "b_enc", "threshold"]
     assert "log_threshold" in dict(sae.named_parameters())
     torch.testing.assert_close(sae.state_dict()["threshold"], sae.threshold)
     assert not sae.state_dict()["threshold"].requires_grad
@@ -437,7 +437,7 @@ def test_fold_activation_norm_scaling_factor_keeps_outputs() -> None:
 
 @pytest.mark.parametrize("target_l0", [None, 4.0])
 def test_training_learns_a_sparse_code(target_l0: float | None, train_on_sparse_data: Any) -> None:
-    cfg = LanguageModelSAERunnerConfig(
+    cfg = make_runner_config(
         architecture="jumprelu",
         d_in=16,
         d_sae=64,

@@ -4,7 +4,6 @@ saving, and a short training run."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,21 +11,19 @@ import torch
 
 from sae_lens.errors import SAELensError
 from sae_lens.evals import explained_variance
+from sae_lens.saes.aux_k import aux_k_loss
 from sae_lens.saes.batchtopk_sae import BatchTopKSAE
 from sae_lens.saes.matryoshka_batchtopk_sae import MatryoshkaBatchTopKSAE, default_matryoshka_widths
-from sae_lens.saes.sae import SAEConfig, SparseAutoencoder
-
-sys.path.insert(0, str(Path(__file__).parent))
-from test_batchtopk_sae import X, run_training
+from sae_lens.saes.sae import SparseAutoencoder, TrainingBatch
+from tests.conftest import make_sae_config
+from tests.saes.test_batchtopk_sae import X, run_training
 
 F64 = torch.float64
 
 
 def tiny_sae(widths: list[int] | None) -> MatryoshkaBatchTopKSAE:
     """The BatchTopK hand example (d_in=2, d_sae=4, k=1) as a Matryoshka SAE."""
-    cfg = SAEConfig(
-        d_in=2, d_sae=4, architecture="matryoshka_batchtopk", dtype="float64", k=1, matryoshka_widths=widths
-    )
+    cfg = make_sae_config("matryoshka_batchtopk", 2, 4, dtype="float64", k=1, matryoshka_widths=widths)
     sae = SparseAutoencoder(cfg)
     assert isinstance(sae, MatryoshkaBatchTopKSAE)
     with torch.no_grad():
@@ -61,8 +58,8 @@ def test_prefix_losses_by_hand(widths: list[int] | None, prefix_mses: list[float
 
 def test_prefix_reconstructions_by_hand() -> None:
     sae = tiny_sae([1, 3, 4])
-    acts = sae.encode_sparse(X)
-    recons = sae.prefix_reconstructions(acts)
+    encoding = sae.encode_for_training(X)
+    recons = sae.prefix_reconstructions(encoding)
     assert [r.tolist() for r in recons] == [
         [[4.0, -1.0], [1.0, -1.0]],
         [[7.0, 2.0], [1.0, -1.0]],
@@ -73,10 +70,10 @@ def test_prefix_reconstructions_by_hand() -> None:
 @pytest.mark.parametrize("widths", [[5, 17, 40], [40], [1, 2, 3, 39, 40]])
 def test_matches_dense_reference(widths: list[int]) -> None:
     torch.manual_seed(0)
-    cfg = SAEConfig(
-        d_in=12,
-        d_sae=40,
-        architecture="matryoshka_batchtopk",
+    cfg = make_sae_config(
+        "matryoshka_batchtopk",
+        12,
+        40,
         dtype="float64",
         k=5,
         matryoshka_widths=widths,
@@ -97,7 +94,8 @@ def test_matches_dense_reference(widths: list[int]) -> None:
     acts = sae.encode_batchtopk(x)
     losses = [(acts[:, :m] @ sae.W_dec[:m] + sae.b_dec - x).pow(2).sum(-1).mean() for m in widths]
     full = acts @ sae.W_dec + sae.b_dec
-    aux = 0.25 * sae.aux_k_loss(x, full, dead)
+    batch = TrainingBatch(x, acts, sae_out=full, dead_neuron_mask=dead)
+    aux = aux_k_loss(sae, batch)["aux_k"]  # weighted by 0.25
     want = torch.autograd.grad(sum(losses) + aux, list(sae.parameters()))
     torch.testing.assert_close(out.loss, sum(losses) + aux)
     torch.testing.assert_close(out.mse_loss, losses[-1])
@@ -111,7 +109,7 @@ def test_default_widths() -> None:
     assert default_matryoshka_widths(1024) == [64, 256, 1024]
     assert default_matryoshka_widths(8) == [2, 8]
     assert default_matryoshka_widths(1) == [1]
-    sae = SparseAutoencoder(SAEConfig(d_in=4, d_sae=64, architecture="matryoshka_batchtopk", k=2))
+    sae = SparseAutoencoder(make_sae_config("matryoshka_batchtopk", 4, 64, k=2))
     assert isinstance(sae, MatryoshkaBatchTopKSAE) and sae.matryoshka_widths == [4, 16, 64]
 
 
@@ -120,28 +118,21 @@ def test_default_widths() -> None:
     [[], [8, 4, 16], [4, 4, 16], [0, 16], [4, 8], [4, 32], [4.0, 16], [True, 16], "16"],
 )
 def test_validation_rejects_bad_widths(widths) -> None:
-    cfg = SAEConfig(d_in=4, d_sae=16, architecture="matryoshka_batchtopk", k=2, matryoshka_widths=widths)
+    # The config itself rejects them now, before any SAE is built.
     with pytest.raises(SAELensError, match="matryoshka_widths") as error:
-        SparseAutoencoder(cfg)
+        SparseAutoencoder(make_sae_config("matryoshka_batchtopk", 4, 16, k=2, matryoshka_widths=widths))
     assert "\n" not in str(error.value)
 
 
 def test_validation_still_checks_k() -> None:
-    cfg = SAEConfig(d_in=4, d_sae=16, architecture="matryoshka_batchtopk", k=None, matryoshka_widths=[4, 16])
     with pytest.raises(SAELensError, match="k"):
-        SparseAutoencoder(cfg)
+        SparseAutoencoder(make_sae_config("matryoshka_batchtopk", 4, 16, k=None, matryoshka_widths=[4, 16]))
 
 
 def trained(widths: list[int]) -> tuple[MatryoshkaBatchTopKSAE, torch.Tensor]:
     torch.manual_seed(0)
-    cfg = SAEConfig(
-        d_in=12,
-        d_sae=40,
-        architecture="matryoshka_batchtopk",
-        dtype="float64",
-        k=5,
-        matryoshka_widths=widths,
-        topk_threshold_lr=0.5,
+    cfg = make_sae_config(
+        "matryoshka_batchtopk", 12, 40, dtype="float64", k=5, matryoshka_widths=widths, topk_threshold_lr=0.5
     )
     sae = SparseAutoencoder(cfg)
     assert isinstance(sae, MatryoshkaBatchTopKSAE)

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from sae_lens.saes import GatedSAE, JumpReLUSAE, SparseAutoencoder, StandardSAE, TopKSAE
 
-DATA = Path(__file__).parent / "data" / "saelens6"
+DATA = Path(__file__).parents[1] / "data" / "saelens6"
 
 # Training architecture -> (architecture the reference writes into cfg.json, our class that loads it).
 # SAELens saves the BatchTopK family for inference as JumpReLU with a per-latent threshold.

@@ -1,4 +1,5 @@
-"""Saving and loading SAE folders: our format, SAELens 6.x, SAELens before 6.0, and broken folders."""
+"""SAE folders (sae_lens/sae_files.py): saving and loading our format, SAELens 6.x, SAELens before
+6.0, broken folders, the format registry and the safe readers."""
 
 from __future__ import annotations
 
@@ -11,15 +12,16 @@ import torch
 from safetensors.torch import save_file
 
 from sae_lens.errors import SAELensError
-from sae_lens.loading import load_sae_folder, load_sparsity
-from sae_lens.saes import SAEConfig, SparseAutoencoder, StandardSAE, TopKSAE
+from sae_lens.sae_files import load_sparsity
+from sae_lens.saes import SparseAutoencoder, StandardSAE, TopKSAE
+from tests.conftest import make_sae_config
 
 D_IN, D_SAE = 8, 16
 
 
 def make_sae(architecture: str = "standard", d_in: int = D_IN, d_sae: int = D_SAE, **kw: Any):
     torch.manual_seed(0)
-    sae = SparseAutoencoder(SAEConfig(d_in=d_in, d_sae=d_sae, architecture=architecture, **kw))
+    sae = SparseAutoencoder(make_sae_config(architecture, d_in, d_sae, **kw))
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in sae.parameters():
@@ -106,7 +108,7 @@ def test_round_trip_float64_and_no_sparsity(tmp_path: Path) -> None:
     sae = make_sae("topk", k=2, dtype="float64")
     folder = sae.save_model(tmp_path / "sae")
     assert load_sparsity(folder) is None
-    loaded = load_sae_folder(folder, device="cpu")
+    loaded = SparseAutoencoder.load_from_disk(folder, device="cpu")
     assert loaded.W_enc.dtype == torch.float64
     assert loaded.cfg == sae.cfg
     assert all(torch.equal(loaded.state_dict()[n], t) for n, t in sae.state_dict().items())
@@ -277,7 +279,8 @@ def test_missing_cfg(tmp_path: Path) -> None:
     folder = write_folder(tmp_path / "sae", six_x_cfg("topk"), raw_weights())
     (folder / "cfg.json").unlink()
     assert_one_line_error(folder, "cfg.json")
-    assert_one_line_error(tmp_path / "does_not_exist", "cfg.json")
+    # A folder that is not there is named as such (formats other than SAELens' need no cfg.json).
+    assert_one_line_error(tmp_path / "does_not_exist", "does_not_exist", "does not exist")
 
 
 def test_invalid_json_cfg(tmp_path: Path) -> None:
@@ -295,7 +298,8 @@ def test_unknown_architecture_lists_known_ones(tmp_path: Path) -> None:
 def test_shape_mismatch_between_cfg_and_weights(tmp_path: Path) -> None:
     cfg = six_x_cfg("topk") | {"d_sae": 12}
     folder = write_folder(tmp_path / "sae", cfg, raw_weights())
-    message = assert_one_line_error(folder, "shape", "cfg.json")
+    # Weights are checked against the config whichever format supplied it (not only cfg.json).
+    message = assert_one_line_error(folder, "shape", "from the config")
     assert "12" in message and "16" in message
 
 
@@ -313,3 +317,112 @@ def test_cfg_without_d_in_or_d_sae(tmp_path: Path) -> None:
     cfg = six_x_cfg("standard")
     del cfg["d_in"]
     assert_one_line_error(write_folder(tmp_path / "b", cfg, raw_weights()), "d_in")
+
+
+# -- the format registry and the readers -------------------------------------------------------------
+
+
+@pytest.fixture
+def toy_format() -> Any:
+    """A format whose folders hold `toy.safetensors` (our layout) and no cfg.json; unregistered after."""
+    from sae_lens import sae_files
+
+    def detect(folder: Path) -> bool:
+        return (folder / "toy.safetensors").is_file()
+
+    def read(folder: Path, device: str | None) -> sae_files.SAEFiles:
+        state = sae_files.read_safetensors(folder / "toy.safetensors", device)
+        d_sae, d_in = state["W_dec"].shape
+        config = {"architecture": "standard", "d_in": d_in, "d_sae": d_sae, "metadata": {"hook_name": "toy"}}
+        return sae_files.SAEFiles(config, state)
+
+    sae_files.register_format("toy", detect, read, priority=10)
+    try:
+        yield sae_files
+    finally:
+        sae_files._FORMATS.pop("toy", None)
+
+
+def test_a_registered_format_is_detected_and_loads(tmp_path: Path, toy_format: Any) -> None:
+    assert toy_format.registered_formats()[0] == "toy"  # ascending priority; saelens (100) last
+    assert toy_format.registered_formats()[-1] == "saelens"
+    w = raw_weights(seed=12)
+    folder = tmp_path / "toy"
+    folder.mkdir()
+    save_file(w, str(folder / "toy.safetensors"))
+    sae = SparseAutoencoder.load_from_disk(folder)
+    assert isinstance(sae, StandardSAE) and sae.cfg.metadata["hook_name"] == "toy"
+    assert_matches_reference(sae, w, k=None)
+    # Naming a format skips detection; an unknown name lists the known ones.
+    files = toy_format.read_sae_folder(folder, format_name="toy")
+    assert torch.equal(files.state_dict["W_enc"], w["W_enc"]) and files.log_feature_sparsity is None
+    with pytest.raises(SAELensError, match=r"known formats: .*saelens"):
+        toy_format.read_sae_folder(folder, format_name="nope")
+
+
+def test_a_folder_of_no_known_format_lists_what_it_holds(tmp_path: Path) -> None:
+    folder = tmp_path / "other"
+    folder.mkdir()
+    (folder / "weights.bin").write_bytes(b"x")
+    message = assert_one_line_error(folder, "cfg.json", "saelens", "weights.bin")
+    assert "no other known format" in message
+
+
+def test_read_json_and_read_safetensors_errors(tmp_path: Path) -> None:
+    from sae_lens.sae_files import read_json, read_safetensors
+
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(SAELensError, match="JSON object"):
+        read_json(tmp_path / "list.json")
+    with pytest.raises(SAELensError, match="does not exist"):
+        read_json(tmp_path / "missing.json")
+    with pytest.raises(SAELensError, match=r"needs missing\.safetensors"):
+        read_safetensors(tmp_path / "missing.safetensors")
+    save_file({"a": torch.arange(3.0)}, str(tmp_path / "ok.safetensors"))
+    assert torch.equal(read_safetensors(tmp_path / "ok.safetensors")["a"], torch.arange(3.0))
+
+
+def test_saelens_config_normalises_old_layouts() -> None:
+    from sae_lens.sae_files import saelens_config
+
+    legacy = legacy_cfg(activation_fn_str="topk", activation_fn_kwargs={"k": 4}, expansion_factor=2)
+    del legacy["architecture"], legacy["d_sae"]
+    cfg = saelens_config(legacy)
+    assert cfg["architecture"] == "topk" and cfg["k"] == 4 and cfg["d_sae"] == 2 * D_IN
+    assert cfg["metadata"]["hook_name"] == "blocks.3.hook_resid_pre"
+    assert cfg["metadata"]["hook_layer"] == 3 and cfg["metadata"]["model_name"] == "gpt2-small"
+    assert "activation_fn_kwargs" not in cfg
+    six = saelens_config(six_x_cfg("standard", "meta"))
+    assert six["metadata"]["hook_name"] == "blocks.8.hook_resid_pre" and six["architecture"] == "standard"
+    with pytest.raises(SAELensError, match="normalize_activations"):
+        saelens_config(six_x_cfg("standard") | {"normalize_activations": "layer_norm"})
+
+
+def test_fold_topk_decoder_norms_by_hand() -> None:
+    from sae_lens.sae_files import fold_topk_decoder_norms
+
+    state = {
+        "W_enc": torch.tensor([[1.0, 2.0], [3.0, 4.0]]),
+        "b_enc": torch.tensor([1.0, -1.0]),
+        "W_dec": torch.tensor([[3.0, 4.0], [0.0, 0.5]]),  # row norms 5 and 0.5
+        "b_dec": torch.tensor([0.25, 0.5]),
+    }
+    folded = fold_topk_decoder_norms(state)
+    torch.testing.assert_close(folded["W_enc"], torch.tensor([[5.0, 1.0], [15.0, 2.0]]))
+    torch.testing.assert_close(folded["b_enc"], torch.tensor([5.0, -0.5]))
+    torch.testing.assert_close(folded["W_dec"], torch.tensor([[0.6, 0.8], [0.0, 1.0]]))
+    assert folded["b_dec"] is state["b_dec"] and folded["W_enc"].dtype == torch.float32
+
+
+def test_write_sae_folder_writes_each_file_and_no_temporaries(tmp_path: Path) -> None:
+    from sae_lens.sae_files import write_sae_folder
+
+    folder = write_sae_folder(tmp_path / "sae", {"d_in": 2}, {"W": torch.ones(2)}, torch.zeros(3))
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "cfg.json",
+        "sae_weights.safetensors",
+        "sparsity.safetensors",
+    ]
+    assert json.loads((folder / "cfg.json").read_text()) == {"d_in": 2}
+    sparsity = load_sparsity(folder)
+    assert sparsity is not None and torch.equal(sparsity, torch.zeros(3))

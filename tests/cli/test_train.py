@@ -1,4 +1,5 @@
-"""The `sae-lens` command line, run as a real subprocess (`python -m sae_lens`), offline.
+"""`sae-lens train` (sae_lens/cli/train.py): parsing flags into a config, and the real command run as
+a subprocess (`python -m sae_lens`), offline.
 
 Every invocation is started up front by one module fixture and run a few at a time, since most of
 the cost is each interpreter importing torch and loading all-MiniLM-L6-v2; the tests then check
@@ -14,6 +15,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from pydoc_data.topics import topics
+from typing import Any
 
 import datasets
 import pytest
@@ -37,9 +39,10 @@ USAGE_ERRORS: dict[str, tuple[list[str], str]] = {
     "zero_context": (["--context_size", "0"], "context_size must be a positive integer"),
     "bad_architecture": (["--architecture", "nope"], "architecture must be one of"),
     "missing_config": (["--config", "missing.yaml"], "'missing.yaml' does not exist"),
+    # A block past the model's last is refused from its config, before the model loads.
     "bad_hook_point": (
         ["--hook_point", "blocks.9.hook_resid_post", "--dataset_path", "{data}"],
-        "blocks.5.hook_resid_post",
+        "has 6 blocks (blocks.0-5)",
     ),
     "missing_dataset": (["--dataset_path", "/nonexistent/file.txt"], "does not exist"),
     "unknown_builtin": (["--dataset_path", "builtin:nope"], "builtin:python-docs"),
@@ -144,7 +147,7 @@ def test_usage_error_is_one_line_and_exit_2(
 def test_unknown_hook_point_lists_valid_hooks(results: dict[str, subprocess.CompletedProcess[str]]) -> None:
     stderr = results["bad_hook_point"].stderr
     assert "6 blocks" in stderr
-    assert "blocks.0-5.hook_resid_{pre,mid,post}" in stderr
+    assert "block 9" in stderr and "pick a hook in one of them" in stderr
 
 
 def test_debug_shows_the_traceback(results: dict[str, subprocess.CompletedProcess[str]]) -> None:
@@ -194,3 +197,61 @@ def test_console_script(results: dict[str, subprocess.CompletedProcess[str]]) ->
     result = results["console_script"]
     assert result.returncode == 2
     assert result.stderr.strip() == "sae-lens: error: unknown config key 'lrr'; did you mean --lr?"
+
+
+# -- parsing, in this process (no training) -----------------------------------------------------------
+
+
+def parse(*argv: str) -> Any:
+    from sae_lens.cli import build_parser, config_from_args
+
+    return config_from_args(build_parser().parse_args(["train", *argv]))
+
+
+def test_architecture_option_flags_go_to_sae_options() -> None:
+    cfg = parse("--k", "16", "--l1_coefficient", "0.01")
+    assert cfg.sae_options["k"] == 16 and isinstance(cfg.sae_options["k"], int)
+    assert cfg.sae_options["l1_coefficient"] == pytest.approx(0.01)
+    assert cfg.k == 16 and cfg.architecture == "topk"
+    standard = parse("--architecture", "standard", "--l1_coefficient", "5e-3", "--use_ghost_grads")
+    assert standard.sae_options["l1_coefficient"] == pytest.approx(5e-3)
+    assert standard.sae_options["use_ghost_grads"] is True
+    widths = parse("--architecture", "matryoshka_batchtopk", "--d_sae", "64", "--matryoshka_widths", "16,64")
+    assert widths.sae_options["matryoshka_widths"] == [16, 64]
+
+
+def test_field_flags_are_typed_and_defaults_stay() -> None:
+    cfg = parse("--lr", "3e-4", "--total_training_tokens", "1e6", "--streaming", "--hook_point_layer", "none")
+    assert cfg.lr == pytest.approx(3e-4) and cfg.total_training_tokens == 1_000_000
+    assert cfg.streaming is True and cfg.hook_point_layer is None
+    assert parse() == parse("--architecture", "topk")  # no flags: the defaults (the main job)
+
+
+def test_flags_override_a_config_file(tmp_path: Path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text("architecture: standard\nl1_coefficient: 0.5\nlr: 0.01\n")
+    cfg = parse("--config", str(path), "--l1_coefficient", "0.25")
+    assert cfg.architecture == "standard" and cfg.lr == 0.01
+    assert cfg.sae_options["l1_coefficient"] == 0.25
+
+
+def test_help_lists_every_architecture_option(capsys: pytest.CaptureFixture[str]) -> None:
+    from sae_lens.cli import build_parser
+    from sae_lens.saes import get_architecture_class, registered_architectures
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    text = capsys.readouterr().out
+    for name in registered_architectures():
+        for option_name in get_architecture_class(name).config_class.option_names():
+            assert f"--{option_name}" in text, option_name
+    assert "SAE options: all architectures" in text and "SAE options: jumprelu" in text
+
+
+def test_an_unknown_flag_suggests_the_closest_option(capsys: pytest.CaptureFixture[str]) -> None:
+    from sae_lens.cli import build_parser
+
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args(["train", "--jumprelu_bandwith", "0.1"])
+    assert info.value.code == 2
+    assert "did you mean --jumprelu_bandwidth?" in capsys.readouterr().err

@@ -1,5 +1,6 @@
-"""Every registered architecture trains through `language_model_sae_runner` on the real MiniLM, saves
-a folder that loads back with the same outputs, and trains under bf16 autocast."""
+"""Every registered architecture trains through `language_model_sae_runner` on the real MiniLM and
+saves a folder that loads back with the same outputs. (The bf16 autocast step of each architecture is
+tested in tests/training/test_trainer.py, which uses the settings below.)"""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ import datasets
 import pytest
 import torch
 
-from sae_lens import LanguageModelSAERunnerConfig, SAETrainer, SparseAutoencoder, train_sae
-from sae_lens.saes import SAEConfig, registered_architectures
+from sae_lens import SparseAutoencoder, train_sae
+from sae_lens.saes import registered_architectures
+from tests.conftest import make_runner_config
 
 # Per-architecture settings that make a 40-step run learn; everything else is shared.
 SETTINGS: dict[str, dict[str, Any]] = {
@@ -38,7 +40,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @pytest.mark.parametrize("architecture", sorted(SETTINGS))
 def test_runner_trains_saves_and_reloads(architecture: str, minilm: Any, corpus: str, tmp_path: Path) -> None:
-    cfg = LanguageModelSAERunnerConfig(
+    cfg = make_runner_config(
         hook_point="blocks.1.hook_resid_post",
         dataset_path=corpus,
         architecture=architecture,
@@ -67,31 +69,3 @@ def test_runner_trains_saves_and_reloads(architecture: str, minilm: Any, corpus:
     # BatchTopK-style SAEs are saved as JumpReLU, as SAELens does; the rest keep their name.
     expected = "jumprelu" if "batchtopk" in architecture else architecture
     assert loaded.cfg.architecture == expected
-
-
-@pytest.mark.parametrize("architecture", sorted(SETTINGS))
-def test_autocast_step_matches_float32(architecture: str) -> None:
-    """One bf16-autocast step lands close to the float32 step, and parameters keep their dtype."""
-    torch.manual_seed(0)
-    cfg = LanguageModelSAERunnerConfig(
-        d_in=32, expansion_factor=4, architecture=architecture, **{**SETTINGS[architecture], "k": 4}
-    )
-    if architecture == "matryoshka_batchtopk":
-        cfg = LanguageModelSAERunnerConfig(
-            d_in=32, d_sae=128, architecture=architecture, k=4, matryoshka_widths=[16, 64, 128]
-        )
-    reference = SparseAutoencoder.from_config(SAEConfig.from_runner_config(cfg, d_in=32))
-    x = torch.randn(256, 32)
-    losses = {}
-    for autocast in (False, True):
-        cfg.autocast = autocast
-        sae = SparseAutoencoder.from_config(SAEConfig.from_runner_config(cfg, d_in=32))
-        sae.load_state_dict(reference.state_dict())
-        trainer = SAETrainer(cfg, sae, show_progress=False)
-        metrics = trainer.train_step(x)
-        losses[autocast] = metrics["loss"]
-        # Autocast changes the compute dtype only (JumpReLU keeps its log-threshold in float64).
-        assert [p.dtype for p in sae.parameters()] == [p.dtype for p in reference.parameters()]
-        assert all(torch.isfinite(p).all() for p in sae.parameters())
-    # bf16 keeps 8 bits of mantissa: a relative error of a few percent at most on the loss.
-    assert losses[True] == pytest.approx(losses[False], rel=0.05)

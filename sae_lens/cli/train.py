@@ -1,0 +1,135 @@
+"""`sae-lens train`: train an SAE. Every config field is a flag (`--lr 1e-3`), generated from
+`LanguageModelSAERunnerConfig` and the architectures' own configs, so the CLI never drifts from the
+Python API. With no flags it runs the main job: TopK k=32, 16x, on all-MiniLM-L6-v2
+`blocks.3.hook_resid_post`, trained on the embedded corpus.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import fields
+from typing import Any
+
+from sae_lens.config import LanguageModelSAERunnerConfig, architecture_option_docs
+from sae_lens.config_fields import coerce_field, field_default, field_docs, field_types
+
+COMMAND = "train"
+
+
+def add_parser(commands: Any) -> argparse.ArgumentParser:
+    """The `train` subcommand and its flags."""
+    train = commands.add_parser(
+        "train",
+        help="train an SAE (defaults: TopK k=32, 16x, on all-MiniLM-L6-v2 blocks.3.hook_resid_post)",
+        description="Train an SAE. Each flag sets the config field of the same name.",
+    )
+    train.add_argument("--config", help="YAML file of config fields; flags override it")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    docs = field_docs(LanguageModelSAERunnerConfig)
+    types_ = field_types(LanguageModelSAERunnerConfig)
+    for f in fields(LanguageModelSAERunnerConfig):
+        if f.name != "sae_options":
+            _add_field_flag(
+                train, f.name, types_[f.name], f"{docs.get(f.name, '')} (default: {field_default(f)})"
+            )
+    # Every architecture's own options, declared in its file; an option several architectures
+    # declare (l1_coefficient) gets one flag, listed under the first.
+    seen: set[str] = set()
+    for architecture, option_docs in architecture_option_docs().items():
+        group = train.add_argument_group(f"SAE options: {architecture}")
+        for name, (text, default) in option_docs.items():
+            if name not in seen:
+                seen.add(name)
+                _add_field_flag(group, name, types_[name], f"{text} (default: {default})")
+    return train
+
+
+def _add_field_flag(parser: Any, name: str, annotation: Any, help_text: str) -> None:
+    # A bare boolean flag (`--streaming`) means true; `--streaming false` also works.
+    bool_options: dict[str, Any] = {"nargs": "?", "const": "true"} if "bool" in str(annotation) else {}
+    parser.add_argument(f"--{name}", dest=f"field__{name}", metavar="VALUE", help=help_text, **bool_options)
+
+
+def config_from_args(args: argparse.Namespace) -> LanguageModelSAERunnerConfig:
+    """The config from `--config` (if any) with the command-line fields on top.
+
+    A comma-separated value for a single-valued field (`--k 16,32`) is a sweep. With only
+    `--resume_from_checkpoint`, the config is the one the run saved in its folder.
+    """
+    types_ = field_types(LanguageModelSAERunnerConfig)
+    overrides: dict[str, Any] = {}
+    for key, value in vars(args).items():
+        if not key.startswith("field__") or value is None:
+            continue
+        name = key.removeprefix("field__")
+        if isinstance(value, str) and "," in value and "list" not in str(types_[name]):
+            overrides[name] = [
+                coerce_field(LanguageModelSAERunnerConfig, name, item) for item in value.split(",")
+            ]
+        else:
+            overrides[name] = coerce_field(LanguageModelSAERunnerConfig, name, value)
+    config_file = args.config
+    if config_file is None and overrides.get("resume_from_checkpoint"):
+        from sae_lens.runner import saved_run_config
+
+        config_file = saved_run_config(overrides["resume_from_checkpoint"])
+    if config_file:
+        return LanguageModelSAERunnerConfig.from_yaml(config_file, **overrides)
+    return LanguageModelSAERunnerConfig.from_dict(overrides)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train, then print each SAE's summary and write its training report. Returns the exit code."""
+    import datasets
+    import transformers
+
+    from sae_lens import distributed
+    from sae_lens.html import write_training_report
+    from sae_lens.runner import train_saes
+    from sae_lens.training.stopping import TrainingInterrupted
+
+    # Library progress bars (weight loading, dataset saving) would sit between our own lines on
+    # stderr and bury a one-line error; the CLI shows its own training progress bar instead.
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    cfg = config_from_args(args)
+    n_saes = len(cfg.expand())
+    what = f"{n_saes} SAEs (a sweep)" if n_saes > 1 else f"a {cfg.architecture} SAE"
+    print(
+        f"Training {what} on {cfg.model_name} {cfg.hook_point} "
+        f"({cfg.total_training_tokens:,} tokens from {cfg.dataset_path})",
+        flush=True,
+    )
+    try:
+        results = train_saes(cfg, show_progress=not args.quiet)
+    except TrainingInterrupted as stopped:
+        folders = ", ".join(str(folder) for folder in stopped.sae_folders)
+        saved = [f"the SAE trained so far to {folders}"] if folders else []
+        if stopped.checkpoint is not None:
+            saved.append(
+                f"a resumable checkpoint to {stopped.checkpoint} (resume with --resume_from_checkpoint)"
+            )
+        print(f"\nsae-lens: {stopped}; saved {' and '.join(saved) or 'nothing'}", file=sys.stderr)
+        return stopped.exit_code
+    if not distributed.is_main_process() and not cfg.distribute_saes:
+        return 0
+    for result in results:
+        _print_summary(result, write_training_report(result.output_dir))
+    return 0
+
+
+def _print_summary(result: Any, report: Any) -> None:
+    m = result.metrics
+    print(f"\nSummary (held-out tokens){f': {result.output_dir.name}' if result.output_dir else ''}")
+    print(f"  L0                  {m.get('l0', float('nan')):.1f}")
+    print(f"  explained variance  {m.get('explained_variance', float('nan')):.3f}")
+    print(f"  dead fraction       {m.get('dead_fraction', float('nan')):.3f}")
+    for key in ("ce_score", "kl_score", "embedding_cosine_score", "embedding_cosine_with_sae"):
+        if key in m:
+            print(f"  {key:<19} {m[key]:.3f}")
+    print(f"  tokens trained      {result.tokens_trained:,} in {result.seconds:.0f} s")
+    if result.ran_out_of_data:
+        print("  note: the dataset ran out before total_training_tokens; the SAE trained so far was saved")
+    print(f"  files               {result.output_dir}/ (cfg.json, sae_weights.safetensors, metrics.jsonl)")
+    print(f"  report              {report}")

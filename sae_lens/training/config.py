@@ -1,0 +1,111 @@
+"""What the trainer needs to know: optimiser, schedule, dead latents, logging and checkpoints.
+
+`SAETrainer` takes a `TrainerConfig`; the language-model runner config extends it with the model,
+the data and the SAE, so every training option is declared here once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sae_lens import distributed
+from sae_lens.config_fields import (
+    non_negative,
+    non_negative_int,
+    one_of,
+    option,
+    optional,
+    positive,
+    positive_int,
+    unit_interval,
+    validate_fields,
+)
+from sae_lens.errors import SAELensError
+
+LR_SCHEDULERS = ("constant", "cosineannealing", "cosineannealingwarmrestarts")
+B_DEC_INIT_METHODS = ("geometric_median", "mean", "zeros")
+NORMALIZE_ACTIVATIONS = ("none", "expected_average_only_in")
+
+
+@dataclass
+class TrainerConfig:
+    """How to train one SAE on a stream of `[batch, d_in]` activations."""
+
+    # --- optimiser ---
+    lr: float = option(1e-3, positive)
+    """Adam learning rate."""
+    adam_beta1: float = option(0.9, unit_interval)
+    """Adam beta1."""
+    adam_beta2: float = option(0.999, unit_interval)
+    """Adam beta2."""
+    lr_scheduler_name: str = option("constant", one_of(*LR_SCHEDULERS))
+    """constant, cosineannealing or cosineannealingwarmrestarts."""
+    lr_warm_up_steps: int = option(0, non_negative_int)
+    """Steps of linear warm-up from 0 to `lr`."""
+    lr_end: float | None = option(None, optional(non_negative))
+    """Final LR of the cosine schedules; defaults to lr / 10."""
+    n_restart_cycles: int = option(1, positive_int)
+    """Cycles of `cosineannealingwarmrestarts`."""
+    l1_warm_up_steps: int = option(0, non_negative_int)
+    """Steps over which the sparsity penalty ramps up linearly from 0."""
+
+    # --- batching ---
+    train_batch_size: int = option(1024, positive_int)
+    """Activations (tokens) per optimiser step."""
+    total_training_tokens: int = option(300_000, positive_int)
+    """Training stops after this many activations."""
+
+    # --- initialisation and input scale ---
+    b_dec_init_method: str = option("geometric_median", one_of(*B_DEC_INIT_METHODS))
+    """How to initialise the decoder bias from the first batch: geometric_median, mean or zeros."""
+    normalize_activations: str = option("none", one_of(*NORMALIZE_ACTIVATIONS))
+    """`expected_average_only_in` trains on inputs scaled to norm sqrt(d_in) and folds the scale into the saved weights."""
+
+    # --- dead latents ---
+    feature_sampling_window: int = option(200, positive_int)
+    """Steps between logs of the feature-density histogram."""
+    dead_feature_window: int = option(50, positive_int)
+    """A latent that has not fired for this many steps is dead (ghost grads and AuxK act on it)."""
+    dead_feature_window_tokens: int | None = option(None, optional(positive_int))
+    """The same window in tokens (e.g. 10_000_000 as in the TopK papers); overrides the step count."""
+    dead_feature_threshold: float = option(0.0, non_negative)
+    """A latent whose firing rate over the last completed `feature_sampling_window` is below this also counts as dead (0: only the window rule)."""
+
+    # --- logging and checkpoints ---
+    wandb_log_frequency: int = option(10, positive_int)
+    """Steps between metric logs (wandb and metrics.jsonl)."""
+    eval_every_n_wandb_logs: int = option(10, positive_int)
+    """Logs between evaluations on the held-out rows."""
+    n_checkpoints: int = option(0, non_negative_int)
+    """Intermediate checkpoints, evenly spaced; the final SAE is always saved."""
+    keep_last_n_checkpoints: int | None = option(None, optional(positive_int))
+    """Delete older checkpoints so that only the last this many remain (all are kept when unset)."""
+    divergence_factor: float = option(100.0, positive)
+    """Stop when the loss exceeds this many times its value at the first step (or is NaN/Inf)."""
+
+    # --- speed ---
+    autocast: bool = False
+    """Run the SAE's training forward and backward under torch.autocast in bfloat16 (weights and Adam stay in the SAE's dtype)."""
+    cpu_reuse_freed_memory: bool | None = None
+    """On CPU with glibc, keep freed memory for reuse during training instead of page-faulting it back every step (`sae_lens.cpu_memory`; restored when training ends). Unset: the architecture's default (on for standard and the TopK family; off for jumprelu and gated, whose many dense `[batch, d_sae]` temporaries fragment the kept memory: about 1.8x faster, but twice the peak memory)."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Reject values that cannot work, naming the field and what it accepts."""
+        validate_fields(self)
+        if self.lr_end is not None and self.lr_end > self.lr and self.lr_scheduler_name != "constant":
+            raise SAELensError(f"lr_end ({self.lr_end}) must not exceed lr ({self.lr})")
+
+    @property
+    def dead_window_steps(self) -> int:
+        """Steps without firing after which a latent counts as dead."""
+        if self.dead_feature_window_tokens is not None:
+            return max(1, -(-self.dead_feature_window_tokens // self.train_batch_size))
+        return self.dead_feature_window
+
+    @property
+    def total_training_steps(self) -> int:
+        """Optimiser steps in the run (under torchrun each step trains on every rank's batch)."""
+        return max(1, self.total_training_tokens // (self.train_batch_size * distributed.world_size()))
