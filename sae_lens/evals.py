@@ -10,6 +10,10 @@ Conventions (see docs/metrics.md):
   KL_ablated, KL taken against the clean next-token distribution; ablation zeroes the hook.
 - For encoder models (no next-token head): the cosine similarity of mean-pooled final-layer
   embeddings with the SAE spliced in vs clean, and the same score form against zero-ablation.
+
+The second half holds the pieces `sae_lens.eval_runner.run_evals` streams with: special-token
+masks, hooks that replace only valid positions, SAEBench's per-token explained variance, per-prediction
+CE and KL, the scores, and per-latent weight statistics.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from sae_lens.models import is_causal_lm
+from sae_lens.models import all_special_ids, is_causal_lm, special_token_ids
 from sae_lens.saes.sae import SparseAutoencoder
 
 DENSE_DENSITY = 0.1
@@ -71,18 +75,50 @@ def reconstruction_metrics(sae: SparseAutoencoder, x: torch.Tensor, batch_size: 
     }
 
 
-def splice_hook(sae: SparseAutoencoder, scale: float = 1.0) -> Callable[..., torch.Tensor]:
+def splice_hook(
+    sae: SparseAutoencoder, scale: float = 1.0, head_index: int | None = None
+) -> Callable[..., torch.Tensor]:
     """A forward hook replacing the activation with the SAE's reconstruction.
 
-    `scale` is the training-time input scale when the SAE still works in normalised units.
+    `scale` is the training-time input scale when the SAE still works in normalised units. On a
+    per-head hook (`attn.hook_z`, `[batch, pos, n_heads, d_head]`) an SAE trained on one head
+    (`head_index`, by default the SAE's `metadata["hook_head_index"]`) replaces only that head;
+    otherwise it reads and writes all heads concatenated, `[..., n_heads * d_head]`.
     """
+    if head_index is None:
+        head_index = sae.cfg.metadata.get("hook_head_index")
 
     def hook(activation: torch.Tensor, hook: Any = None) -> torch.Tensor:
-        flat = activation.reshape(-1, activation.shape[-1]) if activation.ndim > 2 else activation
-        recon = sae(flat * scale) / scale
-        return recon.reshape(activation.shape).to(activation.dtype)
+        sae_in = sae_input_view(activation, head_index)
+        flat = sae_in.reshape(-1, sae_in.shape[-1])
+        recon = (sae(flat * scale) / scale).reshape(sae_in.shape)
+        return write_sae_view(activation, recon, head_index)
 
     return hook
+
+
+def sae_input_view(activation: torch.Tensor, head_index: int | None = None) -> torch.Tensor:
+    """What an SAE reads from a hook's activation: the activation itself `[batch, pos, d]`, or for a
+    per-head hook `[batch, pos, n_heads, d_head]` one head (`head_index`) or all heads concatenated,
+    `[batch, pos, n_heads * d_head]` (the layout `ActivationsStore` trains on)."""
+    if activation.ndim == 4 and head_index is not None:
+        return activation[:, :, head_index]
+    if activation.ndim == 4:
+        return activation.flatten(-2)
+    return activation
+
+
+def write_sae_view(
+    activation: torch.Tensor, values: torch.Tensor, head_index: int | None = None
+) -> torch.Tensor:
+    """`activation` with its `sae_input_view` replaced by `values` (same shape as the view); a new
+    tensor in the activation's dtype. On a per-head hook with `head_index` the other heads are kept."""
+    values = values.to(activation.dtype)
+    if activation.ndim == 4 and head_index is not None:
+        spliced = activation.clone()
+        spliced[:, :, head_index] = values
+        return spliced
+    return values.reshape(activation.shape)
 
 
 def zero_ablate_hook(activation: torch.Tensor, hook: Any = None) -> torch.Tensor:
@@ -189,3 +225,141 @@ def _mean_pooled(model: Any, tokens: torch.Tensor, final_hook: str, fwd_hooks: l
     with contextlib.suppress(_StopForward):
         model.run_with_hooks(tokens, fwd_hooks=[*fwd_hooks, (final_hook, capture)])
     return captured[0].float().mean(dim=1)
+
+
+# -- building blocks of `sae_lens.eval_runner.run_evals` ----------------------------------------------
+
+
+def eval_excluded_token_ids(tokenizer: Any, exclude_special_tokens: bool = True) -> torch.Tensor:
+    """Token ids whose positions every `run_evals` metric drops, as a sorted LongTensor.
+
+    With `exclude_special_tokens`: every special id of the tokenizer (`all_special_ids`: BOS, EOS,
+    CLS, SEP, PAD, UNK, ...) and the framing ids of `special_token_ids`. Without: only a padding id
+    that is not also a framing id, since padding never carries meaning (the store drops it the same way).
+    """
+    framing = special_token_ids(tokenizer)
+    if exclude_special_tokens:
+        ids = set(all_special_ids(tokenizer)) | {i for i in framing.values() if i is not None}
+    else:
+        pad = framing["pad"]
+        ids = {pad} if pad is not None and pad not in (framing["start"], framing["separator"]) else set()
+    return torch.tensor(sorted(ids), dtype=torch.long)
+
+
+def valid_token_mask(tokens: torch.Tensor, excluded_ids: torch.Tensor) -> torch.Tensor:
+    """`[rows, context]` bool: True where the token is not one of `excluded_ids`."""
+    return ~torch.isin(tokens, excluded_ids.to(tokens.device))
+
+
+def prediction_mask(valid: torch.Tensor) -> torch.Tensor:
+    """`[rows, context - 1]` bool: the next-token predictions CE and KL count.
+
+    The prediction made at position t counts when token t is valid (its activation is the one the
+    splice replaces) and its target, token t + 1, is valid too (no metric scores special tokens).
+    """
+    return valid[:, :-1] & valid[:, 1:]
+
+
+def masked_splice_hook(
+    replacement: torch.Tensor, mask: torch.Tensor, head_index: int | None = None
+) -> Callable[..., torch.Tensor]:
+    """A forward hook writing `replacement` `[n_valid, d]` at the positions where `mask`
+    `[batch, pos]` is True and keeping the original activation everywhere else.
+
+    The SAE's view of the activation (`sae_input_view`: one head, all heads concatenated, or the
+    whole activation) is what is replaced; `replacement` lists the valid positions in row-major order.
+    """
+
+    def hook(activation: torch.Tensor, hook: Any = None) -> torch.Tensor:
+        view = sae_input_view(activation, head_index).clone()
+        view[mask.to(view.device)] = replacement.to(view.device, view.dtype)
+        return write_sae_view(activation, view, head_index)
+
+    return hook
+
+
+def masked_zero_ablate_hook(mask: torch.Tensor, head_index: int | None = None) -> Callable[..., torch.Tensor]:
+    """A forward hook zeroing the SAE's view of the activation at the positions where `mask` is True."""
+
+    def hook(activation: torch.Tensor, hook: Any = None) -> torch.Tensor:
+        view = sae_input_view(activation, head_index).clone()
+        view[mask.to(view.device)] = 0
+        return write_sae_view(activation, view, head_index)
+
+    return hook
+
+
+def explained_variance_legacy_per_token(
+    x: torch.Tensor, x_hat: torch.Tensor, batch_mean: torch.Tensor | None = None
+) -> torch.Tensor:
+    """SAEBench's per-token explained variance `[n]` (float64) for tokens `x`, `x_hat` `[n, d]`:
+    1 - ‖x_t - x̂_t‖² / ‖x_t - x̄‖², x̄ the mean of the eval batch (`batch_mean` `[d]`, by default
+    the mean of the `x` given).
+
+    Averaged over tokens this is `explained_variance_legacy`. A token at the batch mean (zero
+    denominator) has no defined value and gives NaN; callers leave such tokens out.
+    """
+    x = x.double()
+    centre = x.mean(dim=0) if batch_mean is None else batch_mean.to(x.device, torch.float64)
+    error = (x - x_hat.double()).pow(2).sum(-1)
+    spread = (x - centre).pow(2).sum(-1)
+    return torch.where(spread > 0, 1 - error / spread.clamp_min(torch.finfo(torch.float64).tiny), torch.nan)
+
+
+def next_token_log_probs(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities `[n_predictions, vocab]` (float32) of the predictions `mask` `[batch, pos - 1]`
+    selects from `logits` `[batch, pos, vocab]`."""
+    return logits[:, :-1][mask.to(logits.device)].float().log_softmax(-1)
+
+
+def next_token_nll(log_probs: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy `[n_predictions]` of each selected prediction: -log p(token t+1 | ..t).
+
+    `log_probs` from `next_token_log_probs(logits, mask)`, `tokens` `[batch, pos]`.
+    """
+    targets = tokens[:, 1:][mask].to(log_probs.device)
+    return -log_probs.gather(-1, targets[:, None])[:, 0]
+
+
+def kl_divergence(clean_log_probs: torch.Tensor, log_probs: torch.Tensor) -> torch.Tensor:
+    """KL(clean ‖ other) per prediction `[n_predictions]`: Σ_v p_clean (log p_clean - log p_other)."""
+    return (clean_log_probs.exp() * (clean_log_probs - log_probs)).sum(-1)
+
+
+def ce_loss_score(ce_without_sae: float, ce_with_sae: float, ce_with_ablation: float) -> float:
+    """(CE_ablated - CE_sae) / (CE_ablated - CE_clean): 1 when the SAE costs nothing, 0 when it is as
+    bad as zero-ablation; NaN when ablation does not change the loss."""
+    gap = ce_with_ablation - ce_without_sae
+    return (ce_with_ablation - ce_with_sae) / gap if gap != 0 else float("nan")
+
+
+def kl_div_score(kl_div_with_sae: float, kl_div_with_ablation: float) -> float:
+    """(KL_ablated - KL_sae) / KL_ablated; NaN when ablation does not change the distribution."""
+    if kl_div_with_ablation == 0:
+        return float("nan")
+    return (kl_div_with_ablation - kl_div_with_sae) / kl_div_with_ablation
+
+
+def embedding_cosine_score(cosine_with_sae: float, cosine_with_ablation: float) -> float:
+    """(cos_sae - cos_ablated) / (1 - cos_ablated), the CE score's form for embedding cosines."""
+    gap = 1 - cosine_with_ablation
+    return (cosine_with_sae - cosine_with_ablation) / gap if gap != 0 else float("nan")
+
+
+def masked_mean_pool(resid: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the positions `mask` `[batch, pos]` selects of `resid` `[batch, pos, d]`, `[batch, d]`
+    (float32); a row with no selected position gives NaN."""
+    weights = mask.to(resid.device, torch.float32)[..., None]
+    return (resid.float() * weights).sum(1) / weights.sum(1)
+
+
+@torch.no_grad()
+def feature_weight_metrics(sae: SparseAutoencoder) -> dict[str, torch.Tensor]:
+    """Per-latent weight statistics `[d_sae]` (float32, CPU): `encoder_norm` ‖W_enc[:, i]‖,
+    `decoder_norm` ‖W_dec[i]‖ and, when input and output live in one space (not a transcoder),
+    `encoder_decoder_cosine` cos(W_enc[:, i], W_dec[i])."""
+    W_enc, W_dec = sae.W_enc.detach().float().cpu(), sae.W_dec.detach().float().cpu()
+    metrics = {"encoder_norm": W_enc.norm(dim=0), "decoder_norm": W_dec.norm(dim=1)}
+    if W_enc.shape[0] == W_dec.shape[1]:
+        metrics["encoder_decoder_cosine"] = F.cosine_similarity(W_enc.T, W_dec, dim=-1)
+    return metrics
