@@ -4,6 +4,11 @@ from sae_lens import LanguageModelSAERunnerConfig, language_model_sae_runner, Sp
 """
 
 from sae_lens.activations_store import ActivationsStore
+from sae_lens.cached_activations import (
+    CacheActivationsRunnerConfig,
+    CachedActivationsStore,
+    cache_activations_runner,
+)
 from sae_lens.config import LanguageModelSAERunnerConfig
 from sae_lens.errors import SAELensError
 from sae_lens.eval_runner import EvalConfig, EvalResult, run_evals
@@ -48,10 +53,12 @@ SAE = SparseAutoencoder
 __all__ = [
     "SAE",
     "ActivationsStore",
-    "EvalConfig",
-    "EvalResult",
     "BatchTopKSAE",
     "BatchTopKSAEConfig",
+    "CacheActivationsRunnerConfig",
+    "CachedActivationsStore",
+    "EvalConfig",
+    "EvalResult",
     "GatedSAE",
     "GatedSAEConfig",
     "HookedSAETransformer",
@@ -73,6 +80,8 @@ __all__ = [
     "TrainStepOutput",
     "TrainerConfig",
     "TrainingState",
+    "__version__",
+    "cache_activations_runner",
     "explained_variance",
     "language_model_sae_runner",
     "load_model",

@@ -22,6 +22,7 @@ import torch
 from sae_lens import distributed
 from sae_lens.activations_store import ActivationsStore, DatasetExhausted
 from sae_lens.atomic_files import atomic_write_text, ensure_writable_folder
+from sae_lens.cached_activations import CachedActivationsStore, read_manifest
 from sae_lens.config import LanguageModelSAERunnerConfig, is_hook_pattern
 from sae_lens.errors import SAELensError
 from sae_lens.evals import explained_variance, model_metrics, reconstruction_metrics
@@ -34,6 +35,9 @@ from sae_lens.training.stopping import GracefulStop, TrainingInterrupted
 from sae_lens.training.trainer import SAETrainer
 
 log = logging.getLogger("sae_lens")
+
+Store = ActivationsStore | CachedActivationsStore
+"""Where a run's batches come from: the model, or an activation cache."""
 
 TRAINING_CONFIG_FILENAME = "training_config.yaml"
 CHECKPOINTS_FOLDER = "checkpoints"
@@ -117,29 +121,50 @@ def train_saes(
     # Everything that can be checked without running the model is checked first, cheapest first.
     ensure_writable_folder(base.checkpoint_path, "checkpoint_path")
     checkpoint = read_checkpoint(base.resume_from_checkpoint) if base.resume_from_checkpoint else None
-    dataset = load_text_dataset(base.dataset_path, split=base.dataset_split, streaming=base.streaming)
-    detect_column(dataset)
-    dataset = distributed.shard_dataset(dataset)
+    cached = base.use_cached_activations
+    if cached:
+        if not base.cached_activations_path:
+            raise SAELensError(
+                "use_cached_activations needs cached_activations_path (a folder written by sae-lens cache)"
+            )
+        manifest = read_manifest(base.cached_activations_path)
+        context_size = int(manifest.get("context_size") or base.context_size)
+    else:
+        dataset = load_text_dataset(base.dataset_path, split=base.dataset_split, streaming=base.streaming)
+        detect_column(dataset)
+        dataset = distributed.shard_dataset(dataset)
+        context_size = base.context_size
     if model is None:
         for cfg in cfgs:
             for hook in _hooks_of(cfg):
                 check_fits_model(
-                    cfg.model_name, cfg.context_size, None if is_hook_pattern(hook) else hook_layer_of(hook)
+                    cfg.model_name, context_size, None if is_hook_pattern(hook) else hook_layer_of(hook)
                 )
         model = load_model(
             base.model_name, device=distributed.local_device(base.device), dtype=base.model_dtype
         )
     else:
-        check_context_fits(model, base.context_size)
+        check_context_fits(model, context_size)
     cfgs = _expand_hook_patterns(cfgs, model)
 
     hooks = list(dict.fromkeys(hook for cfg in cfgs for hook in _hooks_of(cfg)))
     torch.manual_seed(base.seed)
-    store = ActivationsStore.from_config(model, base, dataset=dataset, hook_points=hooks)
-    if store.eval_tokens is None:
-        raise SAELensError("n_eval_sequences must be positive for a run to report held-out metrics")
-    eval_tokens = store.eval_tokens
-    eval_acts = held_out_activations_by_hook(store, eval_tokens)
+    store: Store
+    if cached:
+        # Every rank reads its own subset of the shards; the cache is checked against the config.
+        store = CachedActivationsStore.from_config(base, hook_points=hooks)
+        held_out = store.held_out_activations_by_hook()
+        if held_out is None:
+            raise SAELensError(
+                "the activation cache has no held-out rows; write it with n_eval_sequences > 0"
+            )
+        eval_tokens, eval_acts = store.eval_tokens, {hook: acts.float() for hook, acts in held_out.items()}
+    else:
+        store = ActivationsStore.from_config(model, base, dataset=dataset, hook_points=hooks)
+        if store.eval_tokens is None:
+            raise SAELensError("n_eval_sequences must be positive for a run to report held-out metrics")
+        eval_tokens = store.eval_tokens
+        eval_acts = held_out_activations_by_hook(store, eval_tokens)
     _apply_memory_budget(store, base, {hook: acts.shape[-1] for hook, acts in eval_acts.items()})
     group_dir = _group_dir(cfgs, checkpoint, eval_acts)
     names = list(checkpoint["trainers"]) if checkpoint is not None and len(cfgs) == 1 else None
@@ -237,7 +262,7 @@ def train_saes(
     return results
 
 
-def _next_batch(store: ActivationsStore, gather: bool) -> dict[str, torch.Tensor] | None:
+def _next_batch(store: Store, gather: bool) -> dict[str, torch.Tensor] | None:
     """The next batch of every hook, or None once any rank has run out (so all ranks stop together).
     With `gather`, every rank's batch is concatenated (each rank trains its own SAEs on all of them)."""
     try:
@@ -251,7 +276,7 @@ def _next_batch(store: ActivationsStore, gather: bool) -> dict[str, torch.Tensor
 
 def _train(
     runs: list[_Run],
-    store: ActivationsStore,
+    store: Store,
     save_checkpoint: Callable[[], Path | None],
     gather: bool = False,
 ) -> None:
@@ -333,9 +358,7 @@ def _expand_hook_patterns(
     return expanded
 
 
-def _apply_memory_budget(
-    store: ActivationsStore, cfg: LanguageModelSAERunnerConfig, widths: dict[str, int]
-) -> None:
+def _apply_memory_budget(store: Store, cfg: LanguageModelSAERunnerConfig, widths: dict[str, int]) -> None:
     """Lower the buffer's size in batches so all hooks together fit `max_buffer_memory_mb`."""
     if cfg.max_buffer_memory_mb is None:
         return
@@ -388,7 +411,7 @@ def _build_run(
     cfgs: list[LanguageModelSAERunnerConfig],
     group_dir: Path,
     model: Any,
-    eval_tokens: torch.Tensor,
+    eval_tokens: torch.Tensor | None,
     eval_acts: dict[str, torch.Tensor],
     show_progress: bool,
     names: list[str] | None = None,
@@ -435,7 +458,7 @@ def _build_run(
 def _evaluator(
     cfg: LanguageModelSAERunnerConfig,
     model: Any,
-    eval_tokens: torch.Tensor,
+    eval_tokens: torch.Tensor | None,
     eval_acts: dict[str, torch.Tensor],
 ) -> Callable[[SparseAutoencoder, float], dict[str, Any]]:
     x = eval_acts[cfg.hook_point]
@@ -453,7 +476,8 @@ def _evaluator(
                 "eval/l0": (current.encode(x) != 0).sum(-1).float().mean().item(),
             }
         metrics = reconstruction_metrics(current, x * scale)
-        metrics.update(model_metrics(model, current, eval_tokens, cfg.hook_point, scale))
+        if eval_tokens is not None:  # an HF dataset of activations has no token rows
+            metrics.update(model_metrics(model, current, eval_tokens, cfg.hook_point, scale))
         density = metrics.pop("feature_density")
         return {
             **{f"eval/{k}": v for k, v in metrics.items()},
@@ -480,7 +504,7 @@ def saved_run_config(checkpoint: str | Path) -> Path:
     return path
 
 
-def _restore(runs: list[_Run], store: ActivationsStore, checkpoint: dict[str, Any]) -> None:
+def _restore(runs: list[_Run], store: Store, checkpoint: dict[str, Any]) -> None:
     """Load every SAE's training state, the store's position and the RNG states from a checkpoint."""
     states = checkpoint["trainers"]
     names = [run.name for run in runs]
