@@ -653,7 +653,9 @@
       for (let k = interval.first; k < interval.first + interval.n; k++) {
         list.appendChild(renderContext(context(k, feature.scale), feature.maxAct));
       }
-      if (!interval.n) list.appendChild(el("p", "empty", "no tokens in this interval"));
+      // The examples are drawn from a sample, so a thin interval can hold activations none of
+      // the kept candidates fall in.
+      if (!interval.n) list.appendChild(el("p", "empty", "no examples kept for this interval"));
       block.appendChild(list);
       node.appendChild(block);
     });
@@ -845,6 +847,11 @@
 
   function route() {
     let target = parseHash();
+    if (!target && !state.features.length && state.prompt) {
+      // A prompt-only page (`sae-lens inspect --html`) opens on the prompt view.
+      history.replaceState(null, "", "#prompt");
+      target = { view: "prompt" };
+    }
     if (!target) {
       if (!state.features.length) {
         dom.detail.textContent = "";
