@@ -21,7 +21,7 @@ import torch
 
 from sae_lens import distributed
 from sae_lens.activations_store import ActivationsStore, DatasetExhausted
-from sae_lens.atomic_files import atomic_write_text, ensure_writable_folder
+from sae_lens.atomic_files import atomic_write_bytes, atomic_write_text, ensure_writable_folder
 from sae_lens.cached_activations import CachedActivationsStore, read_manifest
 from sae_lens.config import LanguageModelSAERunnerConfig, is_hook_pattern
 from sae_lens.errors import SAELensError
@@ -31,7 +31,7 @@ from sae_lens.models import check_context_fits, check_fits_model, hook_layer_of,
 from sae_lens.saes.sae import SparseAutoencoder
 from sae_lens.text_datasets import detect_column, load_text_dataset
 from sae_lens.training.checkpoint import read_checkpoint, set_rng_state, write_checkpoint
-from sae_lens.training.stopping import GracefulStop, TrainingInterrupted
+from sae_lens.training.stopping import GracefulStop, TrainingDiverged, TrainingInterrupted
 from sae_lens.training.trainer import SAETrainer
 
 log = logging.getLogger("sae_lens")
@@ -166,9 +166,26 @@ def train_saes(
         eval_tokens = store.eval_tokens
         eval_acts = held_out_activations_by_hook(store, eval_tokens)
     _apply_memory_budget(store, base, {hook: acts.shape[-1] for hook, acts in eval_acts.items()})
-    group_dir = _group_dir(cfgs, checkpoint, eval_acts)
-    names = list(checkpoint["trainers"]) if checkpoint is not None and len(cfgs) == 1 else None
     spread = base.distribute_saes and distributed.is_distributed()
+    if spread and len(cfgs) < distributed.world_size():
+        raise SAELensError(
+            f"distribute_saes spreads {len(cfgs)} SAEs over {distributed.world_size()} ranks, which leaves ranks "
+            "idle; train at least as many SAEs as ranks, or turn distribute_saes off"
+        )
+    # The folder name is decided once (rank 0's), so every rank writes to the same place.
+    group_dir = Path(distributed.gather_objects(str(_group_dir(cfgs, checkpoint, eval_acts)))[0])
+    if checkpoint is None and rank0:
+        _refuse_existing_run(group_dir)
+        if len(cfgs) > 1:
+            # The whole sweep, unexpanded, so `--resume_from_checkpoint` finds every SAE's settings.
+            sweep = _sweep_config(configs)
+            if sweep is not None:
+                group_dir.mkdir(parents=True, exist_ok=True)
+                sweep.to_yaml(group_dir / TRAINING_CONFIG_FILENAME)
+    if checkpoint is not None:
+        _check_resumable(configs, group_dir)
+    names = list(checkpoint["trainers"]) if checkpoint is not None and len(cfgs) == 1 else None
+    resumed_step = int(checkpoint["manifest"]["step"]) if checkpoint is not None else None
     owned = [
         index
         for index in range(len(cfgs))
@@ -187,6 +204,7 @@ def train_saes(
             names,
             owner=rank0 or spread,
             data_parallel=not spread,
+            resumed_step=resumed_step,
         )
         for index in owned
     ]
@@ -199,14 +217,21 @@ def train_saes(
         # Every rank's store position (and, with distribute_saes, its SAEs) is gathered; rank 0 writes.
         stores = distributed.gather_objects(store.state_dict())
         states = {run.name: run.trainer.state.state_dict() for run in runs}
+        writers: dict[str, Callable[[Path], Any]] = {run.name: run.trainer.write_sae_folder for run in runs}
         if spread:
+            folders = {run.name: run.trainer.sae_folder_contents() for run in runs}
             states = {
                 name: state for part in distributed.gather_objects(states) for name, state in part.items()
             }
+            gathered = {
+                name: data for part in distributed.gather_objects(folders) for name, data in part.items()
+            }
+            writers = {name: _folder_writer(data) for name, data in gathered.items()}
         if not rank0:
             return None
         step = runs[0].trainer.n_steps
-        writers: dict[str, Callable[[Path], Any]] = {run.name: run.trainer.write_sae_folder for run in runs}
+        if (checkpoint_dir / f"step_{step}" / "checkpoint.json").is_file():
+            return checkpoint_dir / f"step_{step}"  # a stop on a checkpoint step: written already
         path = write_checkpoint(
             checkpoint_dir / f"step_{step}",
             sae_writers=writers,
@@ -295,9 +320,7 @@ def _train(
             run.trainer.begin(*_inputs(run, batch))
         step = runs[0].trainer.n_steps
         while step < total_steps:
-            for run in runs:
-                x, target = _inputs(run, batch)
-                run.trainer.step(x, target)
+            _step_all(runs, batch, gather)
             step = runs[0].trainer.n_steps
             if step in checkpoint_steps:
                 save_checkpoint()
@@ -307,6 +330,23 @@ def _train(
                 break
         for run in runs:
             run.trainer.end()
+
+
+def _step_all(runs: list[_Run], batch: dict[str, torch.Tensor], gather: bool) -> None:
+    """One step of every SAE. With distribute_saes a divergence on one rank stops every rank (the
+    others would wait for it at the next collective)."""
+    failures = []
+    for run in runs:
+        x, target = _inputs(run, batch)
+        try:
+            run.trainer.step(x, target)
+        except TrainingDiverged as error:
+            if not gather:
+                raise
+            failures.append(str(error))
+    if gather and distributed.any_rank(bool(failures)):
+        reports = [message for part in distributed.gather_objects(failures) for message in part]
+        raise TrainingDiverged(reports[0])
 
 
 def _inputs(run: _Run, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -363,13 +403,16 @@ def _apply_memory_budget(store: Store, cfg: LanguageModelSAERunnerConfig, widths
     if cfg.max_buffer_memory_mb is None:
         return
     width = sum(widths.values())
-    bytes_per_batch = cfg.train_batch_size * width * torch.empty((), dtype=store.dtype).element_size()
-    fits = int(cfg.max_buffer_memory_mb * 2**20 // bytes_per_batch)
+    element = torch.empty((), dtype=store.dtype).element_size()
+    bytes_per_batch = cfg.train_batch_size * width * element
+    # A refill reads whole model passes, so the buffer can hold up to one pass beyond its size.
+    one_pass = cfg.store_batch_size * cfg.context_size * width * element
+    fits = int((cfg.max_buffer_memory_mb * 2**20 - one_pass) // bytes_per_batch)
     if fits < 2:
         raise SAELensError(
             f"max_buffer_memory_mb={cfg.max_buffer_memory_mb} holds fewer than 2 batches of "
-            f"{cfg.train_batch_size} tokens x {width} activations ({bytes_per_batch / 2**20:.0f} MB each); "
-            "raise it or lower train_batch_size"
+            f"{cfg.train_batch_size} tokens x {width} activations ({bytes_per_batch / 2**20:.1f} MB each, plus "
+            f"{one_pass / 2**20:.1f} MB for one model pass); raise it or lower train_batch_size"
         )
     store.n_batches_in_buffer = min(store.n_batches_in_buffer, fits)
 
@@ -417,6 +460,7 @@ def _build_run(
     names: list[str] | None = None,
     owner: bool = True,
     data_parallel: bool = True,
+    resumed_step: int | None = None,
 ) -> _Run:
     d_in = eval_acts[cfg.hook_point].shape[-1]
     if cfg.d_in is not None and cfg.d_in != d_in:
@@ -427,14 +471,19 @@ def _build_run(
     if transcoder and cfg.normalize_activations != "none":
         raise SAELensError("normalize_activations is not supported for transcoders yet; set it to none")
     d_out = eval_acts[cfg.hook_point_out].shape[-1] if transcoder and cfg.hook_point_out else None
+    # Seeded per SAE, so every SAE of a sweep starts exactly as its own single run would.
+    torch.manual_seed(cfg.seed)
     sae = SparseAutoencoder.from_config(cfg.sae_config(d_in, d_out=d_out))
     name = names[index] if names is not None else _run_name(cfg, index, cfgs, group_dir)
     output_dir = group_dir if len(cfgs) == 1 else group_dir / name
     logger = None
     if owner:
         output_dir.mkdir(parents=True, exist_ok=True)
-        if not cfg.resume_from_checkpoint:
+        if resumed_step is None:
             cfg.to_yaml(output_dir / TRAINING_CONFIG_FILENAME)
+        else:
+            # Before the logger opens the file: what a killed run logged after the checkpoint goes.
+            _truncate_metrics(output_dir / "metrics.jsonl", resumed_step)
         logger = MetricsLogger(
             output_dir,
             use_wandb=cfg.log_to_wandb,
@@ -508,9 +557,10 @@ def _restore(runs: list[_Run], store: Store, checkpoint: dict[str, Any]) -> None
     """Load every SAE's training state, the store's position and the RNG states from a checkpoint."""
     states = checkpoint["trainers"]
     names = [run.name for run in runs]
-    if sorted(states) != sorted(names):
+    everyone = sorted(name for part in distributed.gather_objects(names) for name in part)
+    if sorted(states) != everyone:
         raise SAELensError(
-            f"the checkpoint holds SAEs {sorted(states)}, but this run trains {sorted(names)}; resume with "
+            f"the checkpoint holds SAEs {sorted(states)}, but this run trains {everyone}; resume with "
             "the configuration the checkpoint was written with"
         )
     for run in runs:
@@ -522,9 +572,83 @@ def _restore(runs: list[_Run], store: Store, checkpoint: dict[str, Any]) -> None
     stores = checkpoint.get("stores") or [checkpoint["store"]]
     store.load_state_dict(stores[distributed.rank()] if len(stores) > distributed.rank() else stores[0])
     set_rng_state(checkpoint["rng"])
-    step = int(checkpoint["manifest"]["step"])
-    for run in runs:
-        _truncate_metrics(run.output_dir / "metrics.jsonl", step)
+
+
+# Settings a resume may change: where and how a run reports and checkpoints, not what it trains.
+RESUME_MAY_CHANGE = frozenset(
+    {
+        "resume_from_checkpoint",
+        "checkpoint_path",
+        "device",
+        "log_to_wandb",
+        "wandb_project",
+        "wandb_log_frequency",
+        "eval_every_n_wandb_logs",
+        "n_checkpoints",
+        "keep_last_n_checkpoints",
+        "max_buffer_memory_mb",
+        "divergence_factor",
+        "distribute_saes",
+    }
+)
+
+
+def _refuse_existing_run(group_dir: Path) -> None:
+    """A fresh run must not write over a finished or interrupted one (its SAE, log and checkpoints)."""
+    taken = [
+        name
+        for name in ("cfg.json", TRAINING_CONFIG_FILENAME, CHECKPOINTS_FOLDER)
+        if (group_dir / name).exists()
+    ]
+    if taken:
+        raise SAELensError(
+            f"{group_dir} already holds a run ({', '.join(taken)}); resume it with --resume_from_checkpoint "
+            "or choose another run_name"
+        )
+
+
+def _sweep_config(
+    configs: LanguageModelSAERunnerConfig | list[LanguageModelSAERunnerConfig],
+) -> LanguageModelSAERunnerConfig | None:
+    """The one config a multi-SAE run was started from (None for a list of configs: it has no one file)."""
+    return configs if isinstance(configs, LanguageModelSAERunnerConfig) else None
+
+
+def _check_resumable(
+    configs: LanguageModelSAERunnerConfig | list[LanguageModelSAERunnerConfig],
+    group_dir: Path,
+) -> None:
+    """Refuse a resume whose training settings differ from the run's saved ones: the checkpoint would
+    carry on under the old ones while the config says otherwise."""
+    saved_path = group_dir / TRAINING_CONFIG_FILENAME
+    given = _sweep_config(configs)
+    if given is None or not saved_path.is_file():
+        return
+    saved = LanguageModelSAERunnerConfig.from_yaml(saved_path).to_dict()
+    wanted = given.to_dict()
+    changed = sorted(
+        name
+        for name in set(saved) | set(wanted)
+        if name not in RESUME_MAY_CHANGE and saved.get(name) != wanted.get(name)
+    )
+    if changed:
+        shown = ", ".join(f"{name} {saved.get(name)!r} -> {wanted.get(name)!r}" for name in changed)
+        raise SAELensError(
+            f"this resume changes {shown} from the run being resumed; a checkpoint continues the run it was "
+            "written by, so resume with its settings or start a new run"
+        )
+
+
+def _folder_writer(files: dict[str, bytes]) -> Callable[[Path], Path]:
+    """Write an SAE folder from `SAETrainer.sae_folder_contents` (cfg.json last, as `write_sae_folder` does)."""
+
+    def write(folder: Path) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in sorted(files, key=lambda name: name == "cfg.json"):
+            atomic_write_bytes(folder / name, files[name])
+        return folder
+
+    return write
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -532,9 +656,20 @@ def _truncate_metrics(path: Path, step: int) -> None:
     if not path.is_file():
         return
     kept = [
-        line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step
+        line
+        for line in path.read_text().splitlines()
+        if (logged := _logged_step(line)) is not None and logged <= step
     ]
     atomic_write_text(path, "".join(f"{line}\n" for line in kept))
+
+
+def _logged_step(line: str) -> int | None:
+    """The step of one metrics line; None for a line a kill cut short (it is dropped)."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return int(record.get("step", 0)) if isinstance(record, dict) else None
 
 
 # -- helpers ------------------------------------------------------------------------------------------

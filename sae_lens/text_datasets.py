@@ -160,7 +160,9 @@ def _load_local(
     _require_single_split(dataset_path, split)
     files = _data_files(path, dataset_path)
     if all(file.stat().st_size == 0 for file in files):
-        raise SAELensError(f"dataset_path '{dataset_path}' is empty; point it at a file (or folder) with text in it")
+        raise SAELensError(
+            f"dataset_path '{dataset_path}' is empty; point it at a file (or folder) with text in it"
+        )
     builder = DATA_FILE_BUILDERS[files[0].suffix.lower()]
     # Paragraph rows for text files (see the module docstring); other builders take no
     # such option.

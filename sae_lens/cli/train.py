@@ -11,7 +11,7 @@ import sys
 from dataclasses import fields
 from typing import Any
 
-from sae_lens.config import LanguageModelSAERunnerConfig, architecture_option_docs
+from sae_lens.config import LanguageModelSAERunnerConfig, architecture_option_docs, is_hook_pattern
 from sae_lens.config_fields import coerce_field, field_default, field_docs, field_types
 
 COMMAND = "train"
@@ -96,14 +96,21 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     n_saes = len(cfg.expand())
     what = f"{n_saes} SAEs (a sweep)" if n_saes > 1 else f"a {cfg.architecture} SAE"
+    where = cfg.hook_point
+    if is_hook_pattern(cfg.hook_point):
+        # The pattern is matched against the model's hooks once it is loaded.
+        what = f"{cfg.architecture} SAEs" if n_saes == 1 else f"{n_saes} SAEs per hook (a sweep)"
+        where = f"every hook matching {cfg.hook_point}"
     print(
-        f"Training {what} on {cfg.model_name} {cfg.hook_point} "
+        f"Training {what} on {cfg.model_name} {where} "
         f"({cfg.total_training_tokens:,} tokens from {cfg.dataset_path})",
         flush=True,
     )
     try:
         results = train_saes(cfg, show_progress=not args.quiet)
     except TrainingInterrupted as stopped:
+        if not distributed.is_main_process():
+            return stopped.exit_code  # rank 0 reports what was saved, once
         folders = ", ".join(str(folder) for folder in stopped.sae_folders)
         saved = [f"the SAE trained so far to {folders}"] if folders else []
         if stopped.checkpoint is not None:

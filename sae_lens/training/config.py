@@ -7,6 +7,7 @@ the data and the SAE, so every training option is declared here once.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from sae_lens import distributed
 from sae_lens.config_fields import (
@@ -25,6 +26,14 @@ from sae_lens.errors import SAELensError
 LR_SCHEDULERS = ("constant", "cosineannealing", "cosineannealingwarmrestarts")
 B_DEC_INIT_METHODS = ("geometric_median", "mean", "zeros")
 NORMALIZE_ACTIVATIONS = ("none", "expected_average_only_in")
+
+
+def above_one(name: str, value: Any) -> None:
+    """Over 1: a factor a loss must exceed its first value by (1 or less would stop at once)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 1:
+        raise SAELensError(
+            f"{name} must be greater than 1 (a multiple of the first step's loss), got {value!r}"
+        )
 
 
 @dataclass
@@ -80,7 +89,7 @@ class TrainerConfig:
     """Intermediate checkpoints, evenly spaced; the final SAE is always saved."""
     keep_last_n_checkpoints: int | None = option(None, optional(positive_int))
     """Delete older checkpoints so that only the last this many remain (all are kept when unset)."""
-    divergence_factor: float = option(100.0, positive)
+    divergence_factor: float = option(100.0, above_one)
     """Stop when the loss exceeds this many times its value at the first step (or is NaN/Inf)."""
 
     # --- speed ---

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from itertools import chain
@@ -354,6 +355,12 @@ class SAETrainer:
     def write_sae_folder(self, folder: Path) -> Path:
         """Save the SAE with raw-scale weights (folded into a copy; training continues unchanged)."""
         return self.sae.save_model(folder, self.log10_feature_density(), input_scale=self.state.input_scale)
+
+    def sae_folder_contents(self) -> dict[str, bytes]:
+        """The files `write_sae_folder` writes, as bytes: how a rank hands its SAE to the rank that saves."""
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = self.write_sae_folder(Path(tmp))
+            return {file.name: file.read_bytes() for file in sorted(folder.iterdir())}
 
     def log10_feature_density(self) -> torch.Tensor:
         """log10 of each latent's firing rate over the whole run, `[d_sae]` (as in sparsity.safetensors)."""
