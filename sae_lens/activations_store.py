@@ -22,17 +22,14 @@ from sae_lens.config import LanguageModelSAERunnerConfig
 from sae_lens.dtypes import torch_dtype
 from sae_lens.errors import SAELensError
 from sae_lens.models import all_special_ids, hook_layer_of, special_token_ids, validate_hook_point
+from sae_lens.shuffle_buffer import DatasetExhausted, ShuffleBufferServing
 from sae_lens.text_datasets import detect_column, enumerate_documents, load_text_dataset
 
 TOKENIZE_CHUNK = 64
 """Documents tokenized per call: fast tokenizers batch well."""
 
 
-class DatasetExhausted(StopIteration):
-    """The dataset ran out before the requested number of activations."""
-
-
-class ActivationsStore:
+class ActivationsStore(ShuffleBufferServing):
     """Activations of one hook point (or several, from one forward pass), in shuffled training batches.
 
     Build it with `ActivationsStore.from_config(model, cfg)`. The first `n_eval_sequences` packed
@@ -266,11 +263,6 @@ class ActivationsStore:
 
     # -- the shuffling buffer -------------------------------------------------------------------
 
-    @property
-    def buffer_size(self) -> int:
-        """Activations the buffer holds when full."""
-        return self.n_batches_in_buffer * self.train_batch_size
-
     def _shuffle(self) -> None:
         """Shuffle the buffer and decide how much of it to serve before the next refill: half, or
         all of it once the dataset is exhausted."""
@@ -306,36 +298,6 @@ class ActivationsStore:
         self._shuffle()
         return True
 
-    def _next_rows(self) -> torch.Tensor:
-        while not self._finished and (self._buffer is None or self._position >= self._n_serve):
-            if not self._advance():
-                self._finished = True
-        if self._finished:
-            raise DatasetExhausted("the dataset has no more tokens")
-        assert self._buffer is not None
-        batch = self._buffer[self._position : self._position + self.train_batch_size]
-        self._position += self.train_batch_size
-        self.tokens_served += batch.shape[0]
-        return batch
-
-    def next_batch(self) -> torch.Tensor:
-        """The next shuffled `[train_batch_size, d_in]` batch (of the first hook); raises
-        DatasetExhausted at the end."""
-        batch = self._next_rows()
-        return batch if len(self.hook_points) == 1 else batch[:, : self.hook_widths[self.hook_point]]
-
-    def next_batch_by_hook(self) -> dict[str, torch.Tensor]:
-        """The next shuffled batch of every hook, `{hook: [train_batch_size, d_hook]}`, same tokens."""
-        batch = self._next_rows()
-        return dict(zip(self.hook_points, batch.split(list(self.hook_widths.values()), dim=-1), strict=True))
-
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        while True:
-            try:
-                yield self.next_batch()
-            except DatasetExhausted:
-                return
-
     # -- state ------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
@@ -344,14 +306,7 @@ class ActivationsStore:
             "rows_consumed": self.rows_consumed,
             "pending": list(self.pending),
             "generator": self.generator.get_state(),
-            "buffer": self._buffer.cpu() if self._buffer is not None else None,
-            "position": self._position,
-            "n_serve": self._n_serve,
-            "exhausted": self._exhausted,
-            "finished": self._finished,
-            "tokens_served": self.tokens_served,
-            "hook_widths": dict(self.hook_widths),
-            "hook_points": list(self.hook_points),
+            **self._buffer_state(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -365,8 +320,5 @@ class ActivationsStore:
         self._documents = self._document_tokens(self.rows_consumed)
         self.generator.set_state(state["generator"])
         buffer = state["buffer"]
-        self._buffer = buffer.to(self.device, self.dtype) if buffer is not None else None
-        self._position, self._n_serve = int(state["position"]), int(state["n_serve"])
-        self._exhausted, self._finished = bool(state["exhausted"]), bool(state["finished"])
-        self.tokens_served = int(state["tokens_served"])
+        self._load_buffer_state(state, buffer.to(self.device, self.dtype) if buffer is not None else None)
         self.hook_widths = dict(state["hook_widths"])

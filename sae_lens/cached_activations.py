@@ -29,7 +29,7 @@ import json
 import math
 import typing
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +40,7 @@ from safetensors.torch import save as serialize_safetensors
 from tqdm.auto import tqdm
 
 from sae_lens import distributed
-from sae_lens.activations_store import ActivationsStore, DatasetExhausted
+from sae_lens.activations_store import ActivationsStore
 from sae_lens.atomic_files import atomic_write_bytes, atomic_write_text, ensure_writable_folder
 from sae_lens.config_fields import (
     check_known_fields,
@@ -55,6 +55,7 @@ from sae_lens.config_fields import (
 from sae_lens.dtypes import DTYPES, torch_dtype
 from sae_lens.errors import SAELensError
 from sae_lens.models import MINILM_ALIASES, check_context_fits, check_fits_model, hook_layer_of, load_model
+from sae_lens.shuffle_buffer import DatasetExhausted, ShuffleBufferServing
 from sae_lens.text_datasets import detect_column, load_text_dataset
 
 if typing.TYPE_CHECKING:
@@ -733,7 +734,7 @@ def is_saved_hf_dataset(folder: Path) -> bool:
     return (folder / "state.json").is_file() or (folder / "dataset_dict.json").is_file()
 
 
-class CachedActivationsStore:
+class CachedActivationsStore(ShuffleBufferServing):
     """Training batches read from an activation cache, with the interface of `ActivationsStore`.
 
     Shards are read in a seeded random order (a new one each epoch), `n_open_shards` at a time:
@@ -913,12 +914,9 @@ class CachedActivationsStore:
                     break
         return slices
 
-    # -- the shuffling buffer (as in ActivationsStore) ------------------------------------------
+    # -- the shuffling buffer (served by ShuffleBufferServing, as in ActivationsStore) ----------
 
-    @property
-    def buffer_size(self) -> int:
-        """Rows the buffer holds when full."""
-        return self.n_batches_in_buffer * self.train_batch_size
+    exhausted_message = "the activation cache has no more tokens"
 
     def _advance(self) -> bool:
         """Replace the served part of the buffer with new rows and shuffle; False when nothing is left."""
@@ -952,36 +950,6 @@ class CachedActivationsStore:
         self._position = 0
         return True
 
-    def _next_rows(self) -> torch.Tensor:
-        while not self._finished and (self._buffer is None or self._position >= self._n_serve):
-            if not self._advance():
-                self._finished = True
-        if self._finished:
-            raise DatasetExhausted("the activation cache has no more tokens")
-        assert self._buffer is not None
-        batch = self._buffer[self._position : self._position + self.train_batch_size]
-        self._position += self.train_batch_size
-        self.tokens_served += batch.shape[0]
-        return batch.to(self.device)
-
-    def next_batch(self) -> torch.Tensor:
-        """The next shuffled `[train_batch_size, d_in]` batch (of the first hook); raises
-        DatasetExhausted at the end of the last epoch."""
-        batch = self._next_rows()
-        return batch if len(self.hook_points) == 1 else batch[:, : self.hook_widths[self.hook_point]]
-
-    def next_batch_by_hook(self) -> dict[str, torch.Tensor]:
-        """The next shuffled batch of every hook, `{hook: [train_batch_size, d_hook]}`, same tokens."""
-        batch = self._next_rows()
-        return dict(zip(self.hook_points, batch.split(list(self.hook_widths.values()), dim=-1), strict=True))
-
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        while True:
-            try:
-                yield self.next_batch()
-            except DatasetExhausted:
-                return
-
     # -- held-out rows ----------------------------------------------------------------------------
 
     def held_out_activations_by_hook(self) -> dict[str, torch.Tensor] | None:
@@ -1012,14 +980,7 @@ class CachedActivationsStore:
             "next_shard": self._next_shard,
             "open": [list(entry) for entry in self._open],
             "generator": self.generator.get_state(),
-            "buffer": self._buffer.cpu() if self._buffer is not None else None,
-            "position": self._position,
-            "n_serve": self._n_serve,
-            "exhausted": self._exhausted,
-            "finished": self._finished,
-            "tokens_served": self.tokens_served,
-            "hook_widths": dict(self.hook_widths),
-            "hook_points": list(self.hook_points),
+            **self._buffer_state(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -1049,10 +1010,7 @@ class CachedActivationsStore:
         self._open = [[int(shard), int(start)] for shard, start in state["open"]]
         self.generator.set_state(state["generator"])
         buffer = state["buffer"]
-        self._buffer = buffer.to(self.dtype) if buffer is not None else None
-        self._position, self._n_serve = int(state["position"]), int(state["n_serve"])
-        self._exhausted, self._finished = bool(state["exhausted"]), bool(state["finished"])
-        self.tokens_served = int(state["tokens_served"])
+        self._load_buffer_state(state, buffer.to(self.dtype) if buffer is not None else None)
 
 
 __all__ = [

@@ -173,10 +173,29 @@ def coerce_field(cls: type, name: str, value: Any) -> Any:
         if typing.get_origin(allowed) is list:
             items = value.split(",") if isinstance(value, str) else list(value)
             return [int(item) for item in items]
+        if typing.get_origin(allowed) in (typing.Union, types.UnionType) and isinstance(value, str):
+            return _number_or_word(typing.get_args(allowed), value)
     except (TypeError, ValueError, OverflowError):
         type_name = getattr(allowed, "__name__", str(allowed))
         raise SAELensError(f"{name} must be a {type_name}, got {value!r}") from None
     return value
+
+
+def _number_or_word(choices: tuple[Any, ...], text: str) -> Any:
+    """A command-line string for a field such as `lr: float | str` ("1e-3" or "auto") or
+    `int | float` ("200" or "0.2"): the first number type it parses as, else the word itself."""
+    try:
+        number: float | None = float(text)
+    except ValueError:
+        number = None
+    if number is not None:
+        if int in choices and number.is_integer() and "." not in text and "e" not in text.lower():
+            return int(number)
+        if float in choices:
+            return number
+    if str in choices:
+        return text
+    raise ValueError(text)
 
 
 def _unwrap_optional(annotation: Any) -> Any:

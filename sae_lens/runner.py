@@ -75,6 +75,13 @@ class RunResult:
     tokens_trained: int = 0
     seconds: float = 0.0
     ran_out_of_data: bool = False
+    lr: float = 0.0
+    """The base learning rate trained with (what `lr="auto"` resolved to)."""
+    dead_in_training: float = 0.0
+    """Share of the latents that did not fire for the trainer's whole dead-latent window at the end."""
+    warnings: list[str] = field(default_factory=list)
+    """What the end-of-training check found wrong (dead latents, a rising loss, a low explained
+    variance), one line each with its fix; also logged."""
 
 
 def language_model_sae_runner(cfg: LanguageModelSAERunnerConfig) -> Any:
@@ -274,6 +281,9 @@ def train_saes(
             for key, value in run.trainer.last_eval.items()
             if not isinstance(value, torch.Tensor)
         }
+        warnings = run.trainer.warnings() if run.logger is not None else []
+        for warning in warnings:
+            log.warning("%s: %s", run.name, warning)
         results.append(
             RunResult(
                 sae=run.sae,
@@ -282,6 +292,9 @@ def train_saes(
                 tokens_trained=run.trainer.n_tokens,
                 seconds=time.perf_counter() - started,
                 ran_out_of_data=run.trainer.ran_out_of_data,
+                lr=run.trainer.state.lr,
+                dead_in_training=run.trainer.dead_latents().float().mean().item(),
+                warnings=warnings,
             )
         )
     return results

@@ -83,9 +83,15 @@ def test_yaml_round_trip(tmp_path: Path) -> None:
 
 def test_yaml_written_by_hand_with_strings(tmp_path: Path) -> None:
     path = tmp_path / "cfg.yaml"
-    path.write_text("lr: '1e-3'\nuse_ghost_grads: 'true'\nlr_end: none\ncontext_size: '64'\n")
+    path.write_text(
+        "lr: '1e-3'\nuse_ghost_grads: 'true'\nlr_end: none\ncontext_size: '64'\nlr_decay_steps: '0.2'\n"
+    )
     cfg = Cfg.from_yaml(path)
     assert cfg.lr == 1e-3 and cfg.use_ghost_grads is True and cfg.lr_end is None and cfg.context_size == 64
+    assert cfg.lr_decay_steps == 0.2
+    path.write_text("lr: auto\nlr_decay_steps: '200'\nmax_grad_norm: none\n")
+    cfg = Cfg.from_yaml(path)
+    assert (cfg.lr, cfg.lr_decay_steps, cfg.max_grad_norm) == ("auto", 200, None)
 
 
 @pytest.mark.parametrize(
@@ -181,13 +187,19 @@ def test_coerce_field_conversions() -> None:
         ("context_size", "1.5"),
         ("context_size", "inf"),
         ("use_ghost_grads", "maybe"),
-        ("lr", "fast"),
+        ("adam_beta1", "fast"),
     ],
 )
 def test_coerce_field_rejects_with_field_name(field: str, value: Any) -> None:
     with pytest.raises(SAELensError, match=field) as info:
         coerce_field(Cfg, field, value)
     assert repr(value) in str(info.value)
+
+
+def test_a_word_for_lr_other_than_auto_is_refused_when_the_config_is_built() -> None:
+    # lr is `float | str`: the word passes coercion and the check names what it accepts.
+    with pytest.raises(SAELensError, match="lr must be positive or 'auto', got 'fast'"):
+        Cfg.from_dict({"lr": "fast"})
 
 
 def test_coerce_field_none_for_required_field() -> None:

@@ -131,12 +131,18 @@ def _print_summary(result: Any, report: Any) -> None:
     print(f"\nSummary (held-out tokens){f': {result.output_dir.name}' if result.output_dir else ''}")
     print(f"  L0                  {m.get('l0', float('nan')):.1f}")
     print(f"  explained variance  {m.get('explained_variance', float('nan')):.3f}")
-    print(f"  dead fraction       {m.get('dead_fraction', float('nan')):.3f}")
+    print(
+        f"  dead fraction       {m.get('dead_fraction', float('nan')):.3f} (no firing on the held-out tokens)"
+    )
+    print(f"  dead in training    {result.dead_in_training:.3f} (no firing for the dead-latent window)")
     for key in ("ce_score", "kl_score", "embedding_cosine_score", "embedding_cosine_with_sae"):
         if key in m:
             print(f"  {key:<19} {m[key]:.3f}")
     print(f"  tokens trained      {result.tokens_trained:,} in {result.seconds:.0f} s")
+    print(f"  learning rate       {result.lr:.3g}")
     if result.ran_out_of_data:
         print("  note: the dataset ran out before total_training_tokens; the SAE trained so far was saved")
+    for warning in result.warnings:
+        print(f"  warning: {warning}")
     print(f"  files               {result.output_dir}/ (cfg.json, sae_weights.safetensors, metrics.jsonl)")
     print(f"  report              {report}")

@@ -36,13 +36,33 @@ def above_one(name: str, value: Any) -> None:
         )
 
 
+AUTO_LR_BASE = 1.4e-3
+"""`auto_lr` at the reference point: d_sae 6144, 1024 tokens per step (docs/quality.md)."""
+
+
+def auto_lr(d_sae: int, tokens_per_step: int) -> float:
+    """The default learning rate: `AUTO_LR_BASE`, scaled by (6144 / d_sae) ** 0.5 (the OpenAI TopK
+    paper's scaling law: the best lr falls as the inverse square root of the latent count) and by
+    (tokens_per_step / 1024) ** 0.5 (larger batches average out more noise), capped at 1e-2."""
+    return min(1e-2, AUTO_LR_BASE * (6144 / d_sae) ** 0.5 * (tokens_per_step / 1024) ** 0.5)
+
+
+def positive_or_auto(name: str, value: Any) -> None:
+    if value == "auto":
+        return
+    try:
+        positive(name, value)
+    except SAELensError:
+        raise SAELensError(f"{name} must be positive or 'auto', got {value!r}") from None
+
+
 @dataclass
 class TrainerConfig:
     """How to train one SAE on a stream of `[batch, d_in]` activations."""
 
     # --- optimiser ---
-    lr: float = option(1e-3, positive)
-    """Adam learning rate."""
+    lr: float | str = option("auto", positive_or_auto)
+    """Adam learning rate, or `auto`: fitted to the SAE's width and the batch size (`auto_lr`)."""
     adam_beta1: float = option(0.9, unit_interval)
     """Adam beta1."""
     adam_beta2: float = option(0.999, unit_interval)
@@ -52,7 +72,11 @@ class TrainerConfig:
     lr_warm_up_steps: int = option(0, non_negative_int)
     """Steps of linear warm-up from 0 to `lr`."""
     lr_end: float | None = option(None, optional(non_negative))
-    """Final LR of the cosine schedules; defaults to lr / 10."""
+    """Final LR of the cosine schedules and of `lr_decay_steps`; defaults to lr / 10 (0 for `lr_decay_steps` on a constant schedule)."""
+    lr_decay_steps: int | float = option(0.2, non_negative)
+    """Steps at the end of training over which the LR falls linearly to `lr_end` (0: none); a value below 1 is that fraction of the run."""
+    max_grad_norm: float | None = option(1.0, optional(positive))
+    """Clip the gradient's total norm to this before each optimiser step (unset: no clipping)."""
     n_restart_cycles: int = option(1, positive_int)
     """Cycles of `cosineannealingwarmrestarts`."""
     l1_warm_up_steps: int = option(0, non_negative_int)
@@ -104,8 +128,27 @@ class TrainerConfig:
     def validate(self) -> None:
         """Reject values that cannot work, naming the field and what it accepts."""
         validate_fields(self)
-        if self.lr_end is not None and self.lr_end > self.lr and self.lr_scheduler_name != "constant":
+        if (
+            self.lr_end is not None
+            and isinstance(self.lr, (int, float))
+            and self.lr_end > self.lr
+            and (self.lr_scheduler_name != "constant" or self.lr_decay_steps)
+        ):
             raise SAELensError(f"lr_end ({self.lr_end}) must not exceed lr ({self.lr})")
+
+    def resolved_lr(self, d_sae: int) -> float:
+        """The learning rate the optimiser uses: `lr`, or `auto_lr` for `lr="auto"`."""
+        return (
+            auto_lr(d_sae, self.train_batch_size * distributed.world_size())
+            if self.lr == "auto"
+            else float(self.lr)
+        )
+
+    @property
+    def decay_steps(self) -> int:
+        """Steps of the final linear decay (`lr_decay_steps`, a fraction of the run when below 1)."""
+        value = self.lr_decay_steps
+        return round(value * self.total_training_steps) if 0 < value < 1 else int(value)
 
     @property
     def dead_window_steps(self) -> int:

@@ -8,24 +8,34 @@ from collections.abc import Callable
 from sae_lens.training.config import TrainerConfig
 
 
-def build_lr_lambda(cfg: TrainerConfig) -> Callable[[int], float]:
-    """`step -> LR multiplier` for `torch.optim.lr_scheduler.LambdaLR`.
+def build_lr_lambda(cfg: TrainerConfig, lr: float | None = None) -> Callable[[int], float]:
+    """`step -> LR multiplier` of base LR `lr` (`cfg.lr` when not given) for `LambdaLR`.
 
     Warm-up rises linearly from 1/warm_up to 1 over `lr_warm_up_steps`; after it, `constant`
     stays at 1, `cosineannealing` falls along a half cosine to lr_end / lr at the last step, and
-    `cosineannealingwarmrestarts` does that `n_restart_cycles` times.
+    `cosineannealingwarmrestarts` does that `n_restart_cycles` times. With `lr_decay_steps`, a
+    constant schedule then falls linearly to lr_end / lr (0 when unset) over the last steps.
     """
+    if lr is None:
+        if cfg.lr == "auto":
+            raise ValueError("lr='auto' resolves per SAE; pass the resolved lr (TrainerConfig.resolved_lr)")
+        lr = float(cfg.lr)
     total = cfg.total_training_steps
     warm_up = cfg.lr_warm_up_steps
-    floor = (cfg.lr_end if cfg.lr_end is not None else cfg.lr / 10) / cfg.lr
+    floor = (cfg.lr_end if cfg.lr_end is not None else lr / 10) / lr
     decay_steps = max(1, total - warm_up)
     cycle = max(1, math.ceil(decay_steps / cfg.n_restart_cycles))
+    final = min(cfg.decay_steps, total - warm_up)
+    final_floor = (cfg.lr_end or 0.0) / lr
 
     def multiplier(step: int) -> float:
         if step < warm_up:
             return (step + 1) / warm_up
         if cfg.lr_scheduler_name == "constant":
-            return 1.0
+            left = total - step  # steps still to take, this one included
+            return (
+                final_floor + (1 - final_floor) * left / (final + 1) if final > 0 and left <= final else 1.0
+            )
         progress = step - warm_up
         if cfg.lr_scheduler_name == "cosineannealing":
             fraction = min(1.0, progress / decay_steps)

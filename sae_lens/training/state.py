@@ -24,10 +24,12 @@ class TrainingState:
 
     def __init__(self, cfg: TrainerConfig, sae: SparseAutoencoder) -> None:
         self.sae = sae
+        self.lr = cfg.resolved_lr(sae.cfg.d_sae)
+        """The base learning rate (`lr`, or what `lr="auto"` resolves to for this SAE)."""
         self.optimizer = torch.optim.Adam(
-            sae.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), fused=True
+            sae.parameters(), lr=self.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), fused=True
         )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, build_lr_lambda(cfg))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, build_lr_lambda(cfg, self.lr))
         d_sae, device = sae.cfg.d_sae, sae.device
         self.steps_since_fired = torch.zeros(d_sae, dtype=torch.long, device=device)
         """Steps since each latent last fired `[d_sae]`."""

@@ -27,6 +27,7 @@ from sae_lens.metrics_logger import MetricsLogger
 from sae_lens.saes.sae import SparseAutoencoder, latent_fire_counts
 from sae_lens.training.checkpoint import write_checkpoint
 from sae_lens.training.config import TrainerConfig
+from sae_lens.training.health import training_warnings
 from sae_lens.training.state import TrainingState
 from sae_lens.training.stopping import GracefulStop, TrainingDiverged, TrainingInterrupted
 
@@ -72,6 +73,8 @@ class SAETrainer:
         self.checkpoint_extra = checkpoint_extra
         """Called when a checkpoint is written; what it returns is saved too (the store's position)."""
         self.last_eval: dict[str, Any] = {}
+        self.logged_losses: list[float] = []
+        """The training loss at every log of this process's run (what `warnings` reads)."""
         self.ran_out_of_data = False
         self._graceful_stop = GracefulStop()
 
@@ -177,6 +180,18 @@ class SAETrainer:
         self.finalise()
         return self.sae
 
+    def warnings(self) -> list[str]:
+        """What the end-of-training check finds wrong with the trained SAE (`sae_lens.training.health`)."""
+        metrics = {key.removeprefix("eval/"): value for key, value in self.last_eval.items()}
+        # Dead by the training rule (no firing for `dead_window_steps` of training): the held-out rows
+        # are too few tokens to tell a dead latent from a rare one.
+        metrics["dead_fraction"] = self.dead_latents().float().mean().item()
+        # The first step's loss leads: a far too high lr blows the loss up before the first log.
+        losses = [self.state.first_loss, *self.logged_losses]
+        return training_warnings(
+            metrics, losses, self.sae.cfg.architecture, transcoder=self.sae.cfg.d_out is not None
+        )
+
     def _stop(self, signal_number: int) -> None:
         """Checkpoint (when there is a folder for it), fold the input scale, and raise."""
         self._progress.close()
@@ -218,6 +233,10 @@ class SAETrainer:
             distributed.average_gradients(sae)
         if sae.normalize_decoder:
             sae.remove_gradient_parallel_to_decoder_directions()
+        if self.cfg.max_grad_norm is not None:
+            # foreach: one fused pass over the gradients; the few outlier batches of a run otherwise
+            # throw Adam's moments off for many steps.
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), self.cfg.max_grad_norm, foreach=True)
         state.optimizer.step()
         if sae.normalize_decoder:
             sae.set_decoder_norm_to_unit_norm()
@@ -333,6 +352,8 @@ class SAETrainer:
             self.sae.train()
 
     def _log(self, metrics: dict[str, Any]) -> None:
+        if "loss" in metrics:
+            self.logged_losses.append(float(metrics["loss"]))
         if self.logger is None:
             return
         scalars = {k: v for k, v in metrics.items() if not isinstance(v, torch.Tensor)}

@@ -14,7 +14,8 @@ from sae_lens.training.config import TrainerConfig
 
 def test_defaults() -> None:
     cfg = TrainerConfig()
-    assert (cfg.lr, cfg.adam_beta1, cfg.adam_beta2, cfg.lr_scheduler_name) == (1e-3, 0.9, 0.999, "constant")
+    assert (cfg.lr, cfg.adam_beta1, cfg.adam_beta2, cfg.lr_scheduler_name) == ("auto", 0.9, 0.999, "constant")
+    assert cfg.max_grad_norm == 1.0 and cfg.lr_decay_steps == 0.2
     assert (cfg.train_batch_size, cfg.total_training_tokens) == (1024, 300_000)
     assert cfg.normalize_activations == "none" and cfg.b_dec_init_method == "geometric_median"
     assert cfg.dead_feature_threshold == 0.0 and cfg.l1_warm_up_steps == 0
@@ -67,7 +68,10 @@ def test_bad_values_raise_naming_the_field(field: str, value: Any) -> None:
 def test_lr_end_above_lr_only_matters_for_a_decaying_schedule() -> None:
     with pytest.raises(SAELensError, match=r"lr_end \(0.01\) must not exceed lr \(0.001\)"):
         TrainerConfig(lr=1e-3, lr_end=1e-2, lr_scheduler_name="cosineannealing")
-    assert TrainerConfig(lr=1e-3, lr_end=1e-2).lr_end == 1e-2  # constant: lr_end is unused
+    # constant without the final decay: lr_end is unused
+    assert TrainerConfig(lr=1e-3, lr_end=1e-2, lr_decay_steps=0).lr_end == 1e-2
+    with pytest.raises(SAELensError, match=r"lr_end \(0.01\) must not exceed lr"):
+        TrainerConfig(lr=1e-3, lr_end=1e-2)  # the default final decay falls to lr_end
 
 
 def test_total_training_steps() -> None:
@@ -90,3 +94,29 @@ def test_validate_rechecks_after_a_change() -> None:
     cfg.lr = -1.0
     with pytest.raises(SAELensError, match="lr must be positive"):
         cfg.validate()
+
+
+def test_auto_lr_by_hand() -> None:
+    from sae_lens.training.config import AUTO_LR_BASE, auto_lr
+
+    assert auto_lr(6144, 1024) == pytest.approx(AUTO_LR_BASE)
+    # A 4x wider SAE halves it; a 4x larger batch doubles it (square roots).
+    assert auto_lr(4 * 6144, 1024) == pytest.approx(AUTO_LR_BASE / 2)
+    assert auto_lr(6144, 4096) == pytest.approx(AUTO_LR_BASE * 2)
+    assert auto_lr(16, 1 << 20) == 1e-2  # capped
+    cfg = TrainerConfig(train_batch_size=4096)
+    assert cfg.resolved_lr(6144) == pytest.approx(2 * AUTO_LR_BASE)
+    assert TrainerConfig(lr=3e-4).resolved_lr(6144) == 3e-4
+
+
+def test_lr_takes_a_number_or_auto_only() -> None:
+    with pytest.raises(SAELensError, match="lr must be positive or 'auto', got 'fast'"):
+        TrainerConfig(lr="fast")
+    with pytest.raises(SAELensError, match="lr must be positive or 'auto'"):
+        TrainerConfig(lr=0.0)
+
+
+def test_decay_steps_as_a_fraction_of_the_run() -> None:
+    cfg = TrainerConfig(total_training_tokens=100_000, train_batch_size=1000, lr_decay_steps=0.2)
+    assert cfg.decay_steps == 20
+    assert TrainerConfig(lr_decay_steps=7).decay_steps == 7

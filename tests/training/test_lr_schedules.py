@@ -16,7 +16,8 @@ from sae_lens.training.lr_schedules import build_lr_lambda
 
 def schedule_cfg(**kw: Any) -> TrainerConfig:
     # 10 steps of 10 tokens. The schedules read only the trainer's part of a config.
-    return TrainerConfig(total_training_tokens=100, train_batch_size=10, lr=1e-3, **kw)
+    # No final decay unless a test asks for one (the default decays the last 20% of a run).
+    return TrainerConfig(total_training_tokens=100, train_batch_size=10, lr=1e-3, **({"lr_decay_steps": 0} | kw))
 
 
 def test_constant_with_warm_up() -> None:
@@ -24,6 +25,21 @@ def test_constant_with_warm_up() -> None:
     assert [f(step) for step in range(7)] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 1.0])
     g = build_lr_lambda(schedule_cfg())
     assert [g(step) for step in (0, 5, 9)] == [1.0, 1.0, 1.0]
+
+
+def test_a_linear_decay_over_the_last_steps() -> None:
+    # 10 steps, the last 4 decaying to 0: multipliers 4/5, 3/5, 2/5, 1/5 on steps 6..9.
+    f = build_lr_lambda(schedule_cfg(lr_decay_steps=4))
+    assert [f(step) for step in range(10)] == pytest.approx([1, 1, 1, 1, 1, 1, 0.8, 0.6, 0.4, 0.2])
+    # To lr_end instead of 0, and as a fraction of the run (0.2 x 10 steps = 2).
+    g = build_lr_lambda(schedule_cfg(lr_decay_steps=0.2, lr_end=1e-4))
+    assert [g(step) for step in (7, 8, 9)] == pytest.approx([1.0, 0.1 + 0.9 * 2 / 3, 0.1 + 0.9 / 3])
+
+
+def test_auto_lr_needs_the_resolved_value() -> None:
+    with pytest.raises(ValueError, match="resolves per SAE"):
+        build_lr_lambda(TrainerConfig())
+    assert build_lr_lambda(TrainerConfig(), lr=2e-3)(0) == 1.0
 
 
 def test_cosine_annealing_ends_at_lr_end() -> None:

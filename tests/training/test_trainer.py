@@ -491,3 +491,34 @@ def test_autocast_step_matches_float32(architecture: str) -> None:
         assert all(torch.isfinite(p).all() for p in sae.parameters())
     # bf16 keeps 8 bits of mantissa: a relative error of a few percent at most on the loss.
     assert losses[True] == pytest.approx(losses[False], rel=0.05)
+
+
+@pytest.mark.parametrize(("max_grad_norm", "expect_clipped"), [(1e-3, True), (None, False)])
+def test_gradients_are_clipped_to_max_grad_norm_before_the_optimiser_step(
+    max_grad_norm: float | None, expect_clipped: bool
+) -> None:
+    trainer = make_trainer(make_cfg("topk", max_grad_norm=max_grad_norm))
+    batches, _ = synthetic(3)
+    norms: list[float] = []
+
+    def record(optimizer: torch.optim.Optimizer, *_: Any) -> None:
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        norms.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
+
+    trainer.begin(batches[0])
+    trainer.state.optimizer.register_step_pre_hook(record)
+    for batch in batches:
+        trainer.train_step(batch)
+    assert len(norms) == 3
+    if expect_clipped:
+        assert norms == pytest.approx([1e-3] * 3, rel=1e-4)
+    else:
+        assert min(norms) > 1e-2  # the raw gradients of these batches are far larger
+
+
+def test_auto_lr_is_resolved_for_the_sae_width() -> None:
+    from sae_lens.training.config import auto_lr
+
+    trainer = make_trainer(make_cfg("topk", lr="auto"))
+    assert trainer.state.lr == auto_lr(D_SAE, BATCH)
+    assert trainer.state.optimizer.param_groups[0]["lr"] == pytest.approx(auto_lr(D_SAE, BATCH))
