@@ -43,7 +43,6 @@ import itertools
 import json
 import os
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -60,6 +59,7 @@ sys.path[:0] = [str(BENCH_DIR)]
 if str(REPO_ROOT) not in sys.path and not os.environ.get("PYTHONPATH"):
     sys.path.insert(1, str(REPO_ROOT))
 import reference_quality_worker as shared  # noqa: E402  (the shared data/metric code)
+import reference_worker as harness  # noqa: E402  (runs worker processes)
 
 MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 CONTEXT_SIZE = 128
@@ -385,22 +385,7 @@ def run_worker(
     command: list[str], spec: dict[str, Any], env: dict[str, str], timeout: float
 ) -> dict[str, Any]:
     """One worker process; its result dict, or one with `error`."""
-    try:
-        done = subprocess.run(
-            [*command, json.dumps(spec)],
-            env=env,
-            cwd=tempfile.gettempdir(),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f}s"}
-    for line in reversed(done.stdout.splitlines()):
-        if line.startswith(shared.RESULT_PREFIX):
-            return json.loads(line[len(shared.RESULT_PREFIX) :])
-    tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-15:])
-    return {"error": f"worker exited with {done.returncode}:\n{tail}"}
+    return harness.run_worker_process(command, spec, env, timeout, prefix=shared.RESULT_PREFIX)
 
 
 def row_key(row: dict[str, Any]) -> str:

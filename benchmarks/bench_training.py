@@ -42,7 +42,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
@@ -298,22 +297,8 @@ def worker_env(threads: int, reference: bool, reuse_allocator: bool = False) -> 
 def run_one(command: list[str], spec: dict[str, Any], env: dict[str, str], timeout: float) -> dict[str, Any]:
     """Run one worker process; its result dict, or one with `error` describing the failure."""
     label = {key: spec.get(key) for key in ("impl", "kind", "arch")}
-    try:
-        done = subprocess.run(
-            [*command, json.dumps(spec)],
-            env=env,
-            cwd=tempfile.gettempdir(),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-    except subprocess.TimeoutExpired:
-        return {**label, "error": f"timed out after {timeout:.0f}s"}
-    for line in reversed(done.stdout.splitlines()):
-        if line.startswith(harness.RESULT_PREFIX):
-            return json.loads(line[len(harness.RESULT_PREFIX) :])
-    tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-15:])
-    return {**label, "error": f"worker exited with {done.returncode}:\n{tail}"}
+    result = harness.run_worker_process(command, spec, env, timeout)
+    return {**label, **result} if "error" in result else result
 
 
 def median_of(results: list[dict[str, Any]], key: str) -> float | None:

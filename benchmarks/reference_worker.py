@@ -43,6 +43,33 @@ from typing import Any
 
 RESULT_PREFIX = "BENCH_RESULT "
 
+
+def run_worker_process(
+    command: list[str], spec: dict[str, Any], env: dict[str, str], timeout: float, prefix: str = RESULT_PREFIX
+) -> dict[str, Any]:
+    """Run one worker (`command` + the spec as JSON) from a neutral folder; its result dict (the last
+    stdout line starting with `prefix`), or one with `error` and the tail of its output."""
+    import subprocess
+    import tempfile
+
+    try:
+        done = subprocess.run(
+            [*command, json.dumps(spec)],
+            env=env,
+            cwd=tempfile.gettempdir(),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f}s"}
+    for line in reversed(done.stdout.splitlines()):
+        if line.startswith(prefix):
+            return json.loads(line[len(prefix) :])
+    tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-15:])
+    return {"error": f"worker exited with {done.returncode}:\n{tail}"}
+
+
 # -- measurement harness (shared with bench_training.py) ----------------------------------------
 
 
