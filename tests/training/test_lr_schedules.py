@@ -17,7 +17,9 @@ from sae_lens.training.lr_schedules import build_lr_lambda
 def schedule_cfg(**kw: Any) -> TrainerConfig:
     # 10 steps of 10 tokens. The schedules read only the trainer's part of a config.
     # No final decay unless a test asks for one (the default decays the last 20% of a run).
-    return TrainerConfig(total_training_tokens=100, train_batch_size=10, lr=1e-3, **({"lr_decay_steps": 0} | kw))
+    return TrainerConfig(
+        total_training_tokens=100, train_batch_size=10, lr=1e-3, **({"lr_decay_steps": 0} | kw)
+    )
 
 
 def test_constant_with_warm_up() -> None:
