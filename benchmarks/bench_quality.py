@@ -248,8 +248,9 @@ def train_ours(spec: dict[str, Any]) -> dict[str, Any]:
 
         cfg = LanguageModelSAERunnerConfig(**cfg_kwargs)
         sae = SparseAutoencoder(cfg)
-        SAETrainer(cfg, sae, show_progress=False).fit(batches)
-        info["lr_used"] = cfg.lr
+        trainer = SAETrainer(cfg, sae, show_progress=False)
+        trainer.fit(batches)
+        info["lr_used"] = trainer.state.lr  # what lr="auto" resolved to
     seconds = time.perf_counter() - started
     sae.eval()
     recon = shared.reconstruct(sae.encode, sae.decode, data["heldout"])
@@ -568,7 +569,7 @@ def table_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
                 ok = ratio <= wanted and ours["dead_fraction"] <= TARGET_DEAD
                 target = f"{wanted:.2f} " + ("ok" if ok else "NO")
             lr = f"{key[3]:g}" if key[3] else "default"
-            if ours and key[3] == 0.0 and ours.get("lr_used"):
+            if ours and key[3] == 0.0 and isinstance(ours.get("lr_used"), (int, float)):
                 lr += f" (ours {ours['lr_used']:.3g})"
             get = lambda run, field, spec: _fmt(run and run.get(field), spec)  # noqa: E731
             lines.append(

@@ -21,8 +21,9 @@ class TopKSAEConfig(SAEConfig):
     """Active latents per token."""
     aux_k: int | None = option(None, optional(positive_int))
     """Dead latents used by the AuxK loss; d_in // 2 when unset."""
-    aux_k_coefficient: float = option(1 / 32, non_negative)
-    """Weight of the AuxK loss (0 turns it off)."""
+    aux_k_coefficient: float = option(0.5, non_negative)
+    """Weight of the AuxK loss (0 turns it off). 0.5, not the TopK paper's 1/32: on the quality
+    benchmark it leaves 10-30% fewer dead latents at no cost in FVU (docs/quality.md)."""
 
     def validate(self) -> None:
         super().validate()

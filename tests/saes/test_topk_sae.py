@@ -25,7 +25,7 @@ def dense_topk_reference(sae: SparseAutoencoder, x: torch.Tensor, k: int) -> tor
 
 def test_config_options_and_defaults() -> None:
     cfg = TopKSAEConfig(d_in=4, d_sae=64)
-    assert (cfg.k, cfg.aux_k, cfg.aux_k_coefficient) == (32, None, 1 / 32)
+    assert (cfg.k, cfg.aux_k, cfg.aux_k_coefficient) == (32, None, 0.5)
     assert cfg.architecture == "topk"
     assert not hasattr(cfg, "l1_coefficient")
 
