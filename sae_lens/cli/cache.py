@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from sae_lens.cli.train import add_field_flag
 from sae_lens.config_fields import field_default, field_docs
 from sae_lens.errors import SAELensError
 
@@ -46,15 +47,7 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
     for f in fields(CacheActivationsRunnerConfig):
         default = field_default(f)
         shown = ",".join(default) if isinstance(default, list) else default
-        # A bare boolean flag (`--streaming`) means true; `--streaming false` also works.
-        bool_options: dict[str, Any] = {"nargs": "?", "const": "true"} if "bool" in str(f.type) else {}
-        parser.add_argument(
-            f"--{f.name}",
-            dest=f"field__{f.name}",
-            metavar="VALUE",
-            help=f"{docs.get(f.name, '')} (default: {shown})",
-            **bool_options,
-        )
+        add_field_flag(parser, f.name, f.type, f"{docs.get(f.name, '')} (default: {shown})")
     return parser
 
 

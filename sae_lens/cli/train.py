@@ -30,7 +30,7 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
     types_ = field_types(LanguageModelSAERunnerConfig)
     for f in fields(LanguageModelSAERunnerConfig):
         if f.name != "sae_options":
-            _add_field_flag(
+            add_field_flag(
                 train, f.name, types_[f.name], f"{docs.get(f.name, '')} (default: {field_default(f)})"
             )
     # Every architecture's own options, declared in its file; an option several architectures
@@ -41,13 +41,16 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
         for name, (text, default) in option_docs.items():
             if name not in seen:
                 seen.add(name)
-                _add_field_flag(group, name, types_[name], f"{text} (default: {default})")
+                add_field_flag(group, name, types_[name], f"{text} (default: {default})")
     return train
 
 
-def _add_field_flag(parser: Any, name: str, annotation: Any, help_text: str) -> None:
+def add_field_flag(parser: Any, name: str, annotation: Any, help_text: str) -> None:
+    """`--name VALUE` for config field `name`, stored as `field__name` (read back by `config_from_args`)."""
     # A bare boolean flag (`--streaming`) means true; `--streaming false` also works.
     bool_options: dict[str, Any] = {"nargs": "?", "const": "true"} if "bool" in str(annotation) else {}
+    # argparse %-formats help strings: a docstring's "20%" must reach it as "20%%".
+    help_text = help_text.replace("%", "%%")
     parser.add_argument(f"--{name}", dest=f"field__{name}", metavar="VALUE", help=help_text, **bool_options)
 
 
