@@ -1020,19 +1020,24 @@ def dashboard_data(
         )
     return {
         "title": title or f"{name} · {hook_name}",
-        "sae": {
-            "name": name,
-            "architecture": sae.cfg.architecture,
-            "d_in": sae.cfg.d_in,
-            "d_sae": sae.cfg.d_sae,
-            "model_name": str(meta.get("model_name", "")),
-            "hook_name": hook_name,
-        },
+        "sae": sae_summary(sae, name, hook_name),
         "n_tokens": stats.n_tokens,
         "interval_kind": cfg.interval_kind,
         "logit_source": logit_source,
         "features": features,
         "prompt": prompt,
+    }
+
+
+def sae_summary(sae: SparseAutoencoder, name: str, hook_name: str) -> dict[str, Any]:
+    """The schema's `sae` dict: what the page header says about the SAE."""
+    return {
+        "name": name,
+        "architecture": sae.cfg.architecture,
+        "d_in": sae.cfg.d_in,
+        "d_sae": sae.cfg.d_sae,
+        "model_name": str(sae.cfg.metadata.get("model_name", "")),
+        "hook_name": hook_name,
     }
 
 
@@ -1083,6 +1088,7 @@ __all__ = [
     "nearest_by_decoder",
     "parse_features",
     "prompt_features",
+    "sae_summary",
     "unembedding",
     "validate_features",
 ]

@@ -314,8 +314,7 @@ class DownstreamAccumulator:
     def causal_metrics(self) -> dict[str, dict[str, float]]:
         """The two SAELens 6 groups from the sums."""
         n = self.n_predictions
-        ce = {name: value / n if n else math.nan for name, value in self.ce.items()}
-        kl = {name: value / n if n else math.nan for name, value in self.kl.items()}
+        ce, kl = _means(self.ce, n), _means(self.kl, n)
         return {
             "model_behavior_preservation": {
                 "kl_div_score": kl_div_score(kl["sae"], kl["ablated"]),
@@ -332,8 +331,7 @@ class DownstreamAccumulator:
 
     def encoder_metrics(self) -> dict[str, dict[str, float]]:
         """The embedding_preservation group from the sums."""
-        n = self.n_rows
-        cosine = {name: value / n if n else math.nan for name, value in self.cosine.items()}
+        cosine = _means(self.cosine, self.n_rows)
         return {
             "embedding_preservation": {
                 "embedding_cosine_score": embedding_cosine_score(cosine["sae"], cosine["ablated"]),
@@ -341,6 +339,11 @@ class DownstreamAccumulator:
                 "embedding_cosine_with_ablation": cosine["ablated"],
             }
         }
+
+
+def _means(sums: dict[str, float], n: int) -> dict[str, float]:
+    """Each sum over `n`; NaN for all when nothing was counted."""
+    return {name: value / n if n else math.nan for name, value in sums.items()}
 
 
 # -- forward passes --------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ import yaml
 
 from sae_lens.errors import SAELensError
 from sae_lens.sae_files import (
+    SOURCE_METADATA_KEYS,
     HubLayout,
     SAEFiles,
     get_format,
@@ -49,18 +50,7 @@ REGISTRY_PATH = Path(__file__).with_name("pretrained_saes.yaml")
 REPO_ID_RE = re.compile(r"[\w.-]+/[\w.-]+")
 
 # config_overrides keys that belong in `metadata` (the rest are architecture options such as `k`).
-METADATA_OVERRIDES = {
-    "model_name",
-    "hook_name",
-    "hook_layer",
-    "hook_head_index",
-    "context_size",
-    "prepend_bos",
-    "dataset_path",
-    "exclude_special_tokens",
-    "model_from_pretrained_kwargs",
-    "neuronpedia_id",
-}
+METADATA_OVERRIDES = {*SOURCE_METADATA_KEYS, "model_from_pretrained_kwargs", "neuronpedia_id"}
 # Architectures a release may record whose saved files run as another (BatchTopK-family SAEs are
 # saved, and run, as JumpReLU with their learned threshold).
 INFERENCE_FORMS = {"batchtopk": "jumprelu", "matryoshka_batchtopk": "jumprelu"}

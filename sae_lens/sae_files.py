@@ -347,7 +347,7 @@ def read_json(path: Path) -> dict[str, Any]:
 
 # -- the SAELens format (ours) ------------------------------------------------------------------------
 
-_METADATA_KEYS = (
+SOURCE_METADATA_KEYS = (
     "model_name",
     "hook_name",
     "hook_layer",
@@ -356,6 +356,11 @@ _METADATA_KEYS = (
     "prepend_bos",
     "dataset_path",
     "exclude_special_tokens",
+)
+"""The `metadata` entries that say what an SAE reads (model, hook, context, data). A pre-6.0 `cfg.json`
+and a registry entry's `config_overrides` give them beside the architecture's options."""
+_METADATA_KEYS = (
+    *SOURCE_METADATA_KEYS,
     "model_class_name",
     "neuronpedia_id",
     "model_from_pretrained_kwargs",
@@ -520,6 +525,7 @@ register_format(
 __all__ = [
     "SAE_CFG_FILENAME",
     "SAE_WEIGHTS_FILENAME",
+    "SOURCE_METADATA_KEYS",
     "SPARSITY_FILENAME",
     "HubLayout",
     "SAEFiles",

@@ -1,6 +1,7 @@
 """`sae-lens` command line: one module per subcommand in this package (`train`, `eval`, ...).
 
-A subcommand module defines `COMMAND` (its name), `add_parser(commands)` (its flags) and
+A subcommand module defines `COMMAND` (its name), `HELP` (its line in `sae-lens --help`),
+`DESCRIPTION` (the top of its own `--help`), `add_arguments(parser)` (its flags) and
 `run(args) -> int`. `sae-lens train` with no arguments runs the main job: a TopK SAE on the embedded
 MiniLM and corpus.
 
@@ -61,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", parser_class=_Parser)
     for module in command_modules().values():
-        sub = module.add_parser(commands)
+        sub = commands.add_parser(module.COMMAND, help=module.HELP, description=module.DESCRIPTION)
+        module.add_arguments(sub)
         sub.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     return parser
 

@@ -17,25 +17,23 @@ from typing import Any
 
 import yaml
 
+from sae_lens.cli._common import quiet_libraries
 from sae_lens.cli.train import add_field_flag
 from sae_lens.config_fields import field_default, field_docs
 from sae_lens.errors import SAELensError
 
 COMMAND = "cache"
+HELP = "write a model's activations to disk (sharded safetensors) to train SAEs from"
+DESCRIPTION = (
+    "Cache activations at one or more hooks. Each flag sets the config field of the same name; "
+    "rerunning the same command resumes an interrupted cache."
+)
 
 
-def add_parser(commands: Any) -> argparse.ArgumentParser:
-    """The `cache` subcommand and its flags (one per config field)."""
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `cache` flags: one per config field."""
     from sae_lens.cached_activations import CacheActivationsRunnerConfig
 
-    parser = commands.add_parser(
-        "cache",
-        help="write a model's activations to disk (sharded safetensors) to train SAEs from",
-        description=(
-            "Cache activations at one or more hooks. Each flag sets the config field of the same name; "
-            "rerunning the same command resumes an interrupted cache."
-        ),
-    )
     parser.add_argument("--config", help="YAML file of config fields; flags override it")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument(
@@ -48,7 +46,6 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
         default = field_default(f)
         shown = ",".join(default) if isinstance(default, list) else default
         add_field_flag(parser, f.name, f.type, f"{docs.get(f.name, '')} (default: {shown})")
-    return parser
 
 
 def _given_fields(args: argparse.Namespace) -> dict[str, Any]:
@@ -112,14 +109,9 @@ def run(args: argparse.Namespace) -> int:
     if args.verify:
         return _verify(args)
     cfg = config_from_args(args)
-    import datasets
-    import transformers
-
     from sae_lens.cached_activations import cache_activations_runner
 
-    # Library progress bars would bury a one-line error; the cache shows its own tokens/s bar.
-    transformers.utils.logging.disable_progress_bar()
-    datasets.disable_progress_bars()
+    quiet_libraries()
     print(
         f"Caching {cfg.total_training_tokens:,} tokens of {cfg.model_name} {', '.join(cfg.hook_points)} "
         f"from {cfg.dataset_path} to {cfg.cached_activations_path}",

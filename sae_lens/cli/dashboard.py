@@ -14,22 +14,20 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sae_lens.cli._common import quiet_libraries
 from sae_lens.errors import SAELensError
 
 COMMAND = "dashboard"
+HELP = "feature dashboards (one offline HTML file, or Neuronpedia batch files)"
+DESCRIPTION = (
+    "Collect every requested feature's statistics in one pass of the model over a corpus and write "
+    "them as one self-contained HTML page (or Neuronpedia's batch-N.json files)."
+)
 DEFAULT_N_TOKENS = 2048 * 128
 
 
-def add_parser(commands: Any) -> argparse.ArgumentParser:
-    """The `dashboard` subcommand and its flags."""
-    parser = commands.add_parser(
-        "dashboard",
-        help="feature dashboards (one offline HTML file, or Neuronpedia batch files)",
-        description=(
-            "Collect every requested feature's statistics in one pass of the model over a corpus and write "
-            "them as one self-contained HTML page (or Neuronpedia's batch-N.json files)."
-        ),
-    )
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `dashboard` arguments."""
     parser.add_argument("sae", metavar="SAE", help="SAE folder, registry release, or Hugging Face repo")
     parser.add_argument("sae_id", metavar="SAE_ID", nargs="?", help="SAE id within the release or folder")
     add_source_flags(parser)
@@ -82,7 +80,6 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
     parser.add_argument("--np-sae-set", help="neuronpedia: SAE set name (default: the SAE's name)")
     parser.add_argument("--np-sae-id-suffix", help="neuronpedia: SAE id suffix")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    return parser
 
 
 def add_source_flags(parser: argparse.ArgumentParser) -> None:
@@ -141,15 +138,6 @@ def load_model_for(args: argparse.Namespace, sae: Any) -> Any:
     if not model_name:
         raise SAELensError("the SAE's metadata names no model_name; pass --model")
     return load_model(model_name, device=args.device)
-
-
-def quiet_libraries() -> None:
-    """Silence library progress bars so a one-line error stays the only thing on stderr."""
-    import datasets
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()
-    datasets.disable_progress_bars()
 
 
 def run(args: argparse.Namespace) -> int:

@@ -18,24 +18,22 @@ from typing import Any
 
 import yaml
 
+from sae_lens.cli._common import quiet_libraries
 from sae_lens.errors import SAELensError
 from sae_lens.models import load_model
 
 COMMAND = "eval"
+HELP = "evaluate an SAE: CE/KL, explained variance, shrinkage, sparsity, per-latent statistics (JSON)"
+DESCRIPTION = (
+    "Evaluate an SAE on its model and dataset (from its metadata unless overridden) and print "
+    "or write the metrics as JSON. Special tokens are excluded from every metric."
+)
 DEFAULT_HELD_OUT_ROWS = 32
 """`LanguageModelSAERunnerConfig.n_eval_sequences`'s default, for SAEs without a training_config.yaml."""
 
 
-def add_parser(commands: Any) -> argparse.ArgumentParser:
-    """The `eval` subcommand and its flags."""
-    parser = commands.add_parser(
-        "eval",
-        help="evaluate an SAE: CE/KL, explained variance, shrinkage, sparsity, per-latent statistics (JSON)",
-        description=(
-            "Evaluate an SAE on its model and dataset (from its metadata unless overridden) and print "
-            "or write the metrics as JSON. Special tokens are excluded from every metric."
-        ),
-    )
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `eval` arguments."""
     parser.add_argument(
         "sae", metavar="SAE", help="an SAE folder, a registry release, or a Hugging Face repo"
     )
@@ -94,7 +92,6 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu", help="torch device for the model and SAE (default: cpu)")
     parser.add_argument("--output", help="JSON file to write (default: print the JSON on stdout)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    return parser
 
 
 def _positive(text: str) -> int:
@@ -174,16 +171,11 @@ def run(args: argparse.Namespace) -> int:
     """Evaluate, then print or write the JSON. Returns the exit code."""
     # Checked before anything is imported or loaded: a result that cannot be saved is not computed.
     output = check_output_path(args.output) if args.output else None
-    import datasets
-    import transformers
-
     from sae_lens.atomic_files import atomic_write_text
     from sae_lens.eval_runner import HookPlan, eval_store, run_evals
     from sae_lens.models import validate_hook_point
 
-    # As in `train`: library progress bars would bury a one-line error on stderr.
-    transformers.utils.logging.disable_progress_bar()
-    datasets.disable_progress_bars()
+    quiet_libraries()
     cfg = eval_config_from_args(args)
     sae = _load_sae(args.sae, args.sae_id, args.device)
     plan = HookPlan.of(sae, args.hook)

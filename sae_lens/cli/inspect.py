@@ -8,34 +8,24 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
 
-from sae_lens.cli.dashboard import (
-    add_source_flags,
-    check_writable,
-    load_model_for,
-    load_sae_checked,
-    quiet_libraries,
-)
+from sae_lens.cli._common import quiet_libraries
+from sae_lens.cli.dashboard import add_source_flags, check_writable, load_model_for, load_sae_checked
 from sae_lens.errors import SAELensError
 
 COMMAND = "inspect"
+HELP = "print each token's top features for a text"
+DESCRIPTION = "Run the model and the SAE on TEXT and print each token's strongest features and values."
 
 
-def add_parser(commands: Any) -> argparse.ArgumentParser:
-    """The `inspect` subcommand and its flags."""
-    parser = commands.add_parser(
-        "inspect",
-        help="print each token's top features for a text",
-        description="Run the model and the SAE on TEXT and print each token's strongest features and values.",
-    )
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `inspect` arguments."""
     parser.add_argument(
         "positionals", metavar="SAE [SAE_ID] TEXT", nargs="+", help="the SAE (and its id), then the text"
     )
     add_source_flags(parser)
     parser.add_argument("--top", type=int, default=5, help="features shown per token (default 5)")
     parser.add_argument("--html", help="also write the view as an HTML page")
-    return parser
 
 
 def run(args: argparse.Namespace) -> int:
@@ -50,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     if html_path is not None:
         check_writable(html_path, folder=False)
     quiet_libraries()
-    from sae_lens.dashboard import check_model_matches, make_store, prompt_features
+    from sae_lens.dashboard import check_model_matches, make_store, prompt_features, sae_summary
     from sae_lens.html import render_prompt_text
 
     sae, name = load_sae_checked(args)
@@ -64,17 +54,9 @@ def run(args: argparse.Namespace) -> int:
     if html_path is not None:
         from sae_lens.html import write_dashboard_html
 
-        meta = sae.cfg.metadata
         data = {
             "title": f"{name} · prompt",
-            "sae": {
-                "name": name,
-                "architecture": sae.cfg.architecture,
-                "d_in": sae.cfg.d_in,
-                "d_sae": sae.cfg.d_sae,
-                "model_name": str(meta.get("model_name", "")),
-                "hook_name": store.hook_point,
-            },
+            "sae": sae_summary(sae, name, store.hook_point),
             "n_tokens": 0,
             "interval_kind": "quantile",
             "logit_source": None,

@@ -10,26 +10,21 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
 
 from sae_lens.errors import SAELensError
 
 COMMAND = "list"
+HELP = "list the pretrained SAE releases, or the SAEs matching PATTERN"
+DESCRIPTION = (
+    "List the pretrained SAE registry: releases, or with PATTERN (glob or substring of a "
+    "release or SAE id) each matching SAE with its model, hook, width and L0."
+)
 
 
-def add_parser(commands: Any) -> argparse.ArgumentParser:
-    """The `list` subcommand and its flags."""
-    parser = commands.add_parser(
-        "list",
-        help="list the pretrained SAE releases, or the SAEs matching PATTERN",
-        description=(
-            "List the pretrained SAE registry: releases, or with PATTERN (glob or substring of a "
-            "release or SAE id) each matching SAE with its model, hook, width and L0."
-        ),
-    )
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `list` arguments."""
     parser.add_argument("pattern", metavar="PATTERN", nargs="?", help="glob or substring of release / sae_id")
     parser.add_argument("--all", action="store_true", help="list every SAE, not one line per release")
-    return parser
 
 
 def run(args: argparse.Namespace) -> int:

@@ -3,20 +3,15 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
 COMMAND = "report"
+HELP = "write a run folder's training report (report.html: loss curves, L0, density, final eval)"
+DESCRIPTION = "Write OUTPUT_DIR/report.html from OUTPUT_DIR/metrics.jsonl: one self-contained page."
 
 
-def add_parser(commands: Any) -> argparse.ArgumentParser:
-    """The `report` subcommand."""
-    parser = commands.add_parser(
-        "report",
-        help="write a run folder's training report (report.html: loss curves, L0, density, final eval)",
-        description="Write OUTPUT_DIR/report.html from OUTPUT_DIR/metrics.jsonl: one self-contained page.",
-    )
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `report` argument."""
     parser.add_argument("output_dir", help="a run folder written by `sae-lens train`")
-    return parser
 
 
 def run(args: argparse.Namespace) -> int:

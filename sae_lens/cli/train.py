@@ -11,38 +11,35 @@ import sys
 from dataclasses import fields
 from typing import Any
 
+from sae_lens.cli._common import quiet_libraries
 from sae_lens.config import LanguageModelSAERunnerConfig, architecture_option_docs, is_hook_pattern
 from sae_lens.config_fields import coerce_field, field_default, field_docs, field_types
 
 COMMAND = "train"
+HELP = "train an SAE (defaults: TopK k=32, 16x, on all-MiniLM-L6-v2 blocks.3.hook_resid_post)"
+DESCRIPTION = "Train an SAE. Each flag sets the config field of the same name."
 
 
-def add_parser(commands: Any) -> argparse.ArgumentParser:
-    """The `train` subcommand and its flags."""
-    train = commands.add_parser(
-        "train",
-        help="train an SAE (defaults: TopK k=32, 16x, on all-MiniLM-L6-v2 blocks.3.hook_resid_post)",
-        description="Train an SAE. Each flag sets the config field of the same name.",
-    )
-    train.add_argument("--config", help="YAML file of config fields; flags override it")
-    train.add_argument("--quiet", action="store_true", help="no progress bar")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `train` flags: one per config field and architecture option."""
+    parser.add_argument("--config", help="YAML file of config fields; flags override it")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
     docs = field_docs(LanguageModelSAERunnerConfig)
     types_ = field_types(LanguageModelSAERunnerConfig)
     for f in fields(LanguageModelSAERunnerConfig):
         if f.name != "sae_options":
             add_field_flag(
-                train, f.name, types_[f.name], f"{docs.get(f.name, '')} (default: {field_default(f)})"
+                parser, f.name, types_[f.name], f"{docs.get(f.name, '')} (default: {field_default(f)})"
             )
     # Every architecture's own options, declared in its file; an option several architectures
     # declare (l1_coefficient) gets one flag, listed under the first.
     seen: set[str] = set()
     for architecture, option_docs in architecture_option_docs().items():
-        group = train.add_argument_group(f"SAE options: {architecture}")
+        group = parser.add_argument_group(f"SAE options: {architecture}")
         for name, (text, default) in option_docs.items():
             if name not in seen:
                 seen.add(name)
                 add_field_flag(group, name, types_[name], f"{text} (default: {default})")
-    return train
 
 
 def add_field_flag(parser: Any, name: str, annotation: Any, help_text: str) -> None:
@@ -84,18 +81,12 @@ def config_from_args(args: argparse.Namespace) -> LanguageModelSAERunnerConfig:
 
 def run(args: argparse.Namespace) -> int:
     """Train, then print each SAE's summary and write its training report. Returns the exit code."""
-    import datasets
-    import transformers
-
     from sae_lens import distributed
     from sae_lens.html import write_training_report
     from sae_lens.runner import train_saes
     from sae_lens.training.stopping import TrainingInterrupted
 
-    # Library progress bars (weight loading, dataset saving) would sit between our own lines on
-    # stderr and bury a one-line error; the CLI shows its own training progress bar instead.
-    transformers.utils.logging.disable_progress_bar()
-    datasets.disable_progress_bars()
+    quiet_libraries()
     cfg = config_from_args(args)
     n_saes = len(cfg.expand())
     what = f"{n_saes} SAEs (a sweep)" if n_saes > 1 else f"a {cfg.architecture} SAE"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,7 @@ import torch
 
 from sae_lens.dtypes import DTYPES, dtype_name
 from sae_lens.errors import SAELensError
+from sae_lens.sae_files import SAEFiles
 
 
 def require_tensors(state: dict[str, torch.Tensor], names: tuple[str, ...], source: Path, what: str) -> None:
@@ -20,6 +22,33 @@ def require_tensors(state: dict[str, torch.Tensor], names: tuple[str, ...], sour
             f"{str(source)!r} is not a {what} file: it lacks {', '.join(missing)} "
             f"(it holds {', '.join(sorted(state)) or 'nothing'})"
         )
+
+
+def check_widths(
+    source: Path, d_in: int, d_sae: int, what: str, config: str, declared: dict[str, Any]
+) -> None:
+    """Raise one line unless the widths a config declares (`{key: value}`: the input width, then the
+    dictionary size) are the weights' `d_in` and `d_sae`."""
+    if tuple(declared.values()) != (d_in, d_sae):
+        said = ", ".join(f"{key} {value}" for key, value in declared.items())
+        raise SAELensError(f"{str(source)!r} holds a {d_in} x {d_sae} {what} but {config} says {said}")
+
+
+def read_only_member(
+    folder: Path,
+    device: str | None,
+    members: Callable[[Path], list[str]],
+    read_member: Callable[[Path, str, str | None], SAEFiles],
+    what: str,
+) -> SAEFiles:
+    """Read the only member of a multi-SAE `folder` (`read_sae_folder` asks for an id when there are
+    several); `what` names the members in the error (`"transcoders"`)."""
+    found = members(folder)
+    if len(found) != 1:
+        raise SAELensError(
+            f"{str(folder)!r} holds {len(found)} {what}; pass an sae_id, one of: {', '.join(found)}"
+        )
+    return read_member(folder, found[0], device)
 
 
 def weights_dtype(tensor: torch.Tensor) -> str:

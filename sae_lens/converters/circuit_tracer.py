@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from sae_lens.converters._common import hook_metadata, require_tensors, weights_dtype
+from sae_lens.converters._common import hook_metadata, read_only_member, require_tensors, weights_dtype
 from sae_lens.errors import SAELensError
 from sae_lens.sae_files import (
     HubLayout,
@@ -135,12 +135,7 @@ def read_layer(folder: Path, member: str, device: str | None = None) -> SAEFiles
 
 def read_transcoder_set(folder: Path, device: str | None = None) -> SAEFiles:
     """Read the only transcoder of a set (`read_sae_folder` asks for an id when there are several)."""
-    found = members(folder)
-    if len(found) != 1:
-        raise SAELensError(
-            f"{str(folder)!r} holds {len(found)} transcoders; pass an sae_id, one of: {', '.join(found)}"
-        )
-    return read_layer(folder, found[0], device)
+    return read_only_member(folder, device, members, read_layer, "transcoders")
 
 
 def _hub_layout(path: str) -> HubLayout | None:

@@ -16,8 +16,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from sae_lens.converters._common import hook_metadata, require_tensors, weights_dtype
-from sae_lens.errors import SAELensError
+from sae_lens.converters._common import (
+    check_widths,
+    hook_metadata,
+    read_only_member,
+    require_tensors,
+    weights_dtype,
+)
 from sae_lens.sae_files import HubLayout, SAEFiles, read_json, read_torch_file, register_format
 
 CFG_SUFFIX = "_cfg.json"
@@ -43,12 +48,8 @@ def read_hook_z_member(folder: Path, member: str, device: str | None = None) -> 
     require_tensors(state, ("W_enc", "b_enc", "W_dec", "b_dec"), source, "hook-z SAE")
     ours = {key: state[key] for key in ("W_enc", "b_enc", "W_dec", "b_dec")}
     d_in, d_sae = ours["W_enc"].shape
-    declared = (raw.get("act_size", d_in), raw.get("dict_size", d_sae))
-    if declared != (d_in, d_sae):
-        raise SAELensError(
-            f"{str(source)!r} holds a {d_in} x {d_sae} encoder but its config says act_size "
-            f"{declared[0]}, dict_size {declared[1]}"
-        )
+    declared = {"act_size": raw.get("act_size", d_in), "dict_size": raw.get("dict_size", d_sae)}
+    check_widths(source, d_in, d_sae, "encoder", "its config", declared)
     layer = raw.get("layer")
     hook = raw.get("act_name") or (f"blocks.{layer}.attn.hook_z" if isinstance(layer, int) else None)
     model = raw.get("model_name")
@@ -71,12 +72,7 @@ def read_hook_z_member(folder: Path, member: str, device: str | None = None) -> 
 
 def read_hook_z_folder(folder: Path, device: str | None = None) -> SAEFiles:
     """Read the only hook-z SAE of `folder` (`read_sae_folder` asks for an id when there are several)."""
-    found = members(folder)
-    if len(found) != 1:
-        raise SAELensError(
-            f"{str(folder)!r} holds {len(found)} hook-z SAEs; pass an sae_id, one of: {', '.join(found)}"
-        )
-    return read_hook_z_member(folder, found[0], device)
+    return read_only_member(folder, device, members, read_hook_z_member, "hook-z SAEs")
 
 
 def _hub_layout(path: str) -> HubLayout | None:

@@ -31,7 +31,13 @@ from typing import Any
 
 import torch
 
-from sae_lens.converters._common import hook_metadata, non_negative_threshold, require_tensors, weights_dtype
+from sae_lens.converters._common import (
+    check_widths,
+    hook_metadata,
+    non_negative_threshold,
+    require_tensors,
+    weights_dtype,
+)
 from sae_lens.errors import SAELensError
 from sae_lens.sae_files import (
     HubLayout,
@@ -179,12 +185,11 @@ def read_dictionary_learning_folder(folder: Path, device: str | None = None) -> 
     architecture, options, ours = convert_state(name, state, source)
     require_tensors(ours, ("W_enc", "W_dec", "b_dec"), source, "dictionary_learning")
     d_in, d_sae = ours["W_enc"].shape
-    declared = (trainer.get("activation_dim", d_in), trainer.get("dict_size", d_sae))
-    if declared != (d_in, d_sae):
-        raise SAELensError(
-            f"{str(source)!r} holds a {d_in} x {d_sae} dictionary but config.json says "
-            f"activation_dim {declared[0]}, dict_size {declared[1]}"
-        )
+    declared = {
+        "activation_dim": trainer.get("activation_dim", d_in),
+        "dict_size": trainer.get("dict_size", d_sae),
+    }
+    check_widths(source, d_in, d_sae, "dictionary", "config.json", declared)
     if architecture == "topk" and trainer.get("k") not in (None, options["k"]):
         raise SAELensError(f"{str(source)!r} has k = {options['k']} but config.json says k = {trainer['k']}")
     layer = trainer.get("layer")

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from sae_lens.converters._common import hook_metadata, require_tensors, weights_dtype
+from sae_lens.converters._common import check_widths, hook_metadata, require_tensors, weights_dtype
 from sae_lens.errors import SAELensError
 from sae_lens.sae_files import (
     HubLayout,
@@ -115,11 +115,8 @@ def read_llama_scope_folder(folder: Path, device: str | None = None) -> SAEFiles
     W_enc, b_enc, W_dec, b_dec = _tensors(read_safetensors(weights, device), weights)
     d_in, d_sae = W_enc.shape
     d_out = W_dec.shape[1]
-    if (d_in, d_sae) != (hyperparams["d_model"], hyperparams["d_sae"]):
-        raise SAELensError(
-            f"{str(weights)!r} holds a {d_in} x {d_sae} encoder but hyperparams.json says "
-            f"d_model {hyperparams['d_model']}, d_sae {hyperparams['d_sae']}"
-        )
+    declared = {"d_model": hyperparams["d_model"], "d_sae": hyperparams["d_sae"]}
+    check_widths(weights, d_in, d_sae, "encoder", "hyperparams.json", declared)
     if b_dec is None or not hyperparams.get("use_decoder_bias", True):
         b_dec = torch.zeros(d_out, dtype=W_dec.dtype, device=W_dec.device)
     decoder_norms = W_dec.double().norm(dim=-1)

@@ -27,9 +27,25 @@ from sae_lens.saes.sae import SAEConfig, SparseAutoencoder, TrainingBatch, regis
 SPARSITY_LOSS_MODES = ("step", "tanh")
 
 
+_Grads = tuple[torch.Tensor | None, torch.Tensor | None, None]
+"""What the backward passes return: the gradients of `x`, `threshold` and (none) `bandwidth`."""
+
+
 def rectangle(u: torch.Tensor) -> torch.Tensor:
     """The rectangle kernel: 1 on the open interval (-1/2, 1/2), else 0 (in `u`'s dtype)."""
     return ((u > -0.5) & (u < 0.5)).to(u.dtype)
+
+
+def _threshold_grad(
+    x: torch.Tensor,
+    threshold: torch.Tensor,
+    eps: float,
+    scale: torch.Tensor | float,
+    grad_output: torch.Tensor,
+) -> torch.Tensor:
+    """`-(scale/ε) K((x - θ)/ε) * g` summed to θ's shape: θ's pseudo-derivative in both functions."""
+    pseudo = -(scale / eps) * rectangle((x - threshold) / eps)
+    return (pseudo * grad_output).sum_to_size(threshold.shape)
 
 
 class JumpReLUFunction(torch.autograd.Function):
@@ -46,17 +62,13 @@ class JumpReLUFunction(torch.autograd.Function):
         return x * (x > threshold).to(x.dtype)
 
     @staticmethod
-    def backward(
-        ctx: Any, grad_output: torch.Tensor
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+    def backward(ctx: Any, grad_output: torch.Tensor) -> _Grads:
         x, threshold = ctx.saved_tensors
-        eps = ctx.bandwidth
         grad_x = grad_threshold = None
         if ctx.needs_input_grad[0]:
             grad_x = (x > threshold).to(grad_output.dtype) * grad_output
         if ctx.needs_input_grad[1]:
-            pseudo = -(threshold / eps) * rectangle((x - threshold) / eps)
-            grad_threshold = (pseudo * grad_output).sum_to_size(threshold.shape)
+            grad_threshold = _threshold_grad(x, threshold, ctx.bandwidth, threshold, grad_output)
         return grad_x, grad_threshold, None
 
 
@@ -74,15 +86,11 @@ class StepFunction(torch.autograd.Function):
         return (x > threshold).to(x.dtype)
 
     @staticmethod
-    def backward(
-        ctx: Any, grad_output: torch.Tensor
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+    def backward(ctx: Any, grad_output: torch.Tensor) -> _Grads:
         x, threshold = ctx.saved_tensors
-        eps = ctx.bandwidth
         grad_threshold = None
         if ctx.needs_input_grad[1]:
-            pseudo = -(1.0 / eps) * rectangle((x - threshold) / eps)
-            grad_threshold = (pseudo * grad_output).sum_to_size(threshold.shape)
+            grad_threshold = _threshold_grad(x, threshold, ctx.bandwidth, 1.0, grad_output)
         # None is autograd's zero gradient, without materialising a [batch, d_sae] tensor of zeros.
         return None, grad_threshold, None
 

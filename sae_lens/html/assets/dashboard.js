@@ -482,6 +482,16 @@
     return row;
   }
 
+  // The `n` contexts of `feature` from payload index `first` on, or the note `emptyText` when there are none.
+  function contextList(feature, first, n, emptyText) {
+    const list = el("div", "contexts");
+    for (let k = first; k < first + n; k++) {
+      list.appendChild(renderContext(context(k, feature.scale), feature.maxAct));
+    }
+    if (!n) list.appendChild(el("p", "empty", emptyText));
+    return list;
+  }
+
   function shadingLegend(maxAct) {
     const row = el("div", "legend-row");
     row.appendChild(el("span", "", "0"));
@@ -649,14 +659,9 @@
       head.appendChild(el("span", "range", "[" + fmt(interval.low) + ", " + fmt(interval.high) + "]"));
       head.appendChild(el("span", "n", interval.n + " example" + (interval.n === 1 ? "" : "s")));
       block.appendChild(head);
-      const list = el("div", "contexts");
-      for (let k = interval.first; k < interval.first + interval.n; k++) {
-        list.appendChild(renderContext(context(k, feature.scale), feature.maxAct));
-      }
       // The examples are drawn from a sample, so a thin interval can hold activations none of
       // the kept candidates fall in.
-      if (!interval.n) list.appendChild(el("p", "empty", "no examples kept for this interval"));
-      block.appendChild(list);
+      block.appendChild(contextList(feature, interval.first, interval.n, "no examples kept for this interval"));
       node.appendChild(block);
     });
     return node;
@@ -721,12 +726,7 @@
     top.id = "top-examples";
     top.classList.add("section");
     top.appendChild(shadingLegend(feature.maxAct));
-    const list = el("div", "contexts");
-    for (let k = feature.firstContext; k < feature.firstContext + feature.nTop; k++) {
-      list.appendChild(renderContext(context(k, feature.scale), feature.maxAct));
-    }
-    if (!feature.nTop) list.appendChild(el("p", "empty", "No examples in this data."));
-    top.appendChild(list);
+    top.appendChild(contextList(feature, feature.firstContext, feature.nTop, "No examples in this data."));
     root.appendChild(top);
 
     const row1 = el("div", "grid2");
