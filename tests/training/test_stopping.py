@@ -55,6 +55,8 @@ def signalling_batches(signals: dict[int, list[int]], n: int = 50) -> Iterator[t
 def default_handlers() -> Iterator[None]:
     """The tests send real signals; whatever happens, the usual handlers are back afterwards."""
     before = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    # A background job starts with SIGINT ignored; the tests need Python's own handler to begin with.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
     for number, handler in before.items():
         signal.signal(number, handler)
