@@ -253,7 +253,7 @@ def test_architecture_options_given_by_name_go_to_sae_options() -> None:
 
 def test_sae_options_hold_the_chosen_architectures_defaults() -> None:
     topk = Cfg().sae_options
-    assert {"k": 32, "aux_k": None, "aux_k_coefficient": 0.5}.items() <= topk.items()
+    assert {"k": 32, "aux_k": None, "aux_k_coefficient": 8.0}.items() <= topk.items()
     assert "l1_coefficient" not in topk
     standard = Cfg(architecture="standard").sae_options
     assert {"l1_coefficient": 1e-3, "lp_norm": 1.0, "use_ghost_grads": False}.items() <= standard.items()

@@ -158,6 +158,10 @@ def runner_values(paths: dict[str, str], name: str, **overrides: Any) -> dict[st
         "n_batches_in_buffer": 4,
         "expansion_factor": 2,
         "k": [4, 8],
+        # Longer than the run: no latent counts as dead, so AuxK stays off. Each rank normalises its
+        # AuxK by its own residual's variance, which is not exactly the gathered batch's, and these
+        # tests compare data-parallel training with one rank training on the gathered batches.
+        "dead_feature_window": 50,
         "wandb_log_frequency": 5,
         "n_checkpoints": 1,
         "checkpoint_path": paths[name],

@@ -20,7 +20,7 @@ from sae_lens.kernels import SparseLatents, sparse_batchtopk_encode, sparse_deco
 from sae_lens.saes.aux_k import aux_k_loss
 from sae_lens.saes.jumprelu_sae import JumpReLUSAEConfig
 from sae_lens.saes.sae import SAEConfig, SparseAutoencoder, TrainingBatch, register_architecture
-from sae_lens.saes.topk_sae import TopKSAEConfig
+from sae_lens.saes.topk_sae import DECODER_LR_SCALE, TopKSAEConfig
 
 
 def batch_topk(hidden_pre: torch.Tensor, k: int) -> torch.Tensor:
@@ -57,6 +57,7 @@ class BatchTopKSAE(SparseAutoencoder):
     config_class = BatchTopKSAEConfig
     cfg: BatchTopKSAEConfig
     reuse_freed_cpu_memory = True
+    decoder_lr_scale = DECODER_LR_SCALE  # as TopK's, for the same reason
     threshold: torch.Tensor
 
     def init_encoder_parameters(self) -> None:

@@ -304,6 +304,10 @@ class SparseAutoencoder(HookedRootModule):
     """The architecture's config dataclass."""
     normalize_decoder: ClassVar[bool] = True
     """Whether training keeps decoder rows at unit norm (and drops the gradient along them)."""
+    decoder_lr_scale: ClassVar[float] = 1.0
+    """The multiple of the learning rate that `W_dec` trains at by default
+    (`TrainerConfig.decoder_lr_scale` overrides it). See `TopKSAE.decoder_lr_scale` for why the
+    TopK family raises it."""
     reuse_freed_cpu_memory: ClassVar[bool] = False
     """Whether CPU training keeps freed memory for reuse by default (`sae_lens.cpu_memory`).
 
@@ -362,7 +366,7 @@ class SparseAutoencoder(HookedRootModule):
     @torch.no_grad()
     def initialize_weights(self) -> None:
         """Random decoder rows of norm `decoder_init_norm` (1 when unset), the encoder as the
-        decoder's transpose, zero biases.
+        decoder's transpose times `encoder_init_scale` where the config has one, zero biases.
 
         Starting the encoder at the decoder's transpose makes each latent initially respond to the
         direction it writes, which cuts dead latents early in training (as in the OpenAI TopK work).
@@ -375,6 +379,8 @@ class SparseAutoencoder(HookedRootModule):
         else:  # a transcoder: the decoder's directions live in another space
             nn.init.kaiming_uniform_(self.W_enc)
             self.W_enc.mul_(norm / self.W_enc.norm(dim=0, keepdim=True))
+        # Only the TopK family's config declares it (`TopKSAEConfig.encoder_init_scale`).
+        self.W_enc.mul_(getattr(self.cfg, "encoder_init_scale", 1.0))
 
     @classmethod
     def from_config(cls, cfg: Any) -> SparseAutoencoder:

@@ -75,6 +75,8 @@ class TrainerConfig:
     """Final LR of the cosine schedules and of `lr_decay_steps`; defaults to lr / 10 (0 for `lr_decay_steps` on a constant schedule)."""
     lr_decay_steps: int | float = option(0.2, non_negative)
     """Steps at the end of training over which the LR falls linearly to `lr_end` (0: none); a value below 1 is that fraction of the run."""
+    decoder_lr_scale: float | None = option(None, optional(positive))
+    """The decoder weights `W_dec` train at this multiple of the learning rate; unset: the architecture's default (6 for the TopK family, whose unit-norm decoder rows otherwise learn slowest; 1 for the others)."""
     max_grad_norm: float | None = option(1.0, optional(positive))
     """Clip the gradient's total norm to this before each optimiser step (unset: no clipping)."""
     n_restart_cycles: int = option(1, positive_int)
@@ -97,8 +99,8 @@ class TrainerConfig:
     # --- dead latents ---
     feature_sampling_window: int = option(200, positive_int)
     """Steps between logs of the feature-density histogram."""
-    dead_feature_window: int = option(50, positive_int)
-    """A latent that has not fired for this many steps is dead (ghost grads and AuxK act on it)."""
+    dead_feature_window: int = option(10, positive_int)
+    """A latent that has not fired for this many steps is dead (ghost grads and AuxK act on it). 10: on the quality benchmark AuxK then leaves a fifth to a tenth as many latents dead as with 50 (docs/quality.md)."""
     dead_feature_window_tokens: int | None = option(None, optional(positive_int))
     """The same window in tokens (e.g. 10_000_000 as in the TopK papers); overrides the step count."""
     dead_feature_threshold: float = option(0.0, non_negative)

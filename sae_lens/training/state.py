@@ -26,8 +26,18 @@ class TrainingState:
         self.sae = sae
         self.lr = cfg.resolved_lr(sae.cfg.d_sae)
         """The base learning rate (`lr`, or what `lr="auto"` resolves to for this SAE)."""
+        self.decoder_lr_scale = (
+            cfg.decoder_lr_scale if cfg.decoder_lr_scale is not None else sae.decoder_lr_scale
+        )
+        """`W_dec`'s learning rate over the base one (`TrainerConfig.decoder_lr_scale`)."""
+        others = [param for name, param in sae.named_parameters() if name != "W_dec"]
+        groups: list[dict[str, Any]] = [
+            {"params": others},
+            {"params": [sae.W_dec], "lr": self.lr * self.decoder_lr_scale},
+        ]
+        # The first group has the base lr, which the logs and `scheduler.get_last_lr()[0]` report.
         self.optimizer = torch.optim.Adam(
-            sae.parameters(), lr=self.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), fused=True
+            groups, lr=self.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), fused=True
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, build_lr_lambda(cfg, self.lr))
         d_sae, device = sae.cfg.d_sae, sae.device

@@ -277,7 +277,7 @@ def test_option_names_and_defaults_are_the_architectures_own() -> None:
     assert not {"d_in", "d_sae", "dtype", "device", "metadata", "k"} & standard
     defaults = TopKSAEConfig.option_defaults()
     assert set(defaults) == set(TopKSAEConfig.option_names())
-    assert {"k": 32, "aux_k": None, "aux_k_coefficient": 0.5, "apply_b_dec_to_input": True}.items() <= (
+    assert {"k": 32, "aux_k": None, "aux_k_coefficient": 8.0, "apply_b_dec_to_input": True}.items() <= (
         defaults.items()
     )
     assert "l1_coefficient" not in defaults

@@ -25,9 +25,22 @@ def dense_topk_reference(sae: SparseAutoencoder, x: torch.Tensor, k: int) -> tor
 
 def test_config_options_and_defaults() -> None:
     cfg = TopKSAEConfig(d_in=4, d_sae=64)
-    assert (cfg.k, cfg.aux_k, cfg.aux_k_coefficient) == (32, None, 0.5)
+    assert (cfg.k, cfg.aux_k, cfg.aux_k_coefficient, cfg.encoder_init_scale) == (32, None, 8.0, 0.5)
     assert cfg.architecture == "topk"
     assert not hasattr(cfg, "l1_coefficient")
+
+
+@pytest.mark.parametrize("architecture", ["topk", "batchtopk", "matryoshka_batchtopk"])
+def test_the_encoder_starts_as_the_scaled_decoder_transpose(architecture: str) -> None:
+    options = {"matryoshka_widths": [4, 10]} if architecture == "matryoshka_batchtopk" else {}
+    sae = make_sae(architecture, k=2, **options)
+    assert torch.allclose(sae.W_dec.norm(dim=-1), torch.ones(10, dtype=torch.float64))
+    assert torch.equal(sae.W_enc, sae.W_dec.T * 0.5)
+    unit = make_sae(architecture, k=2, encoder_init_scale=1.0, **options)
+    assert torch.equal(unit.W_enc, unit.W_dec.T)
+    assert torch.equal(make_sae("standard").W_enc, make_sae("standard").W_dec.T)  # not the TopK family's
+    with pytest.raises(SAELensError, match="encoder_init_scale"):
+        make_sae(architecture, k=2, encoder_init_scale=0, **options)
 
 
 def test_topk_encode_keeps_exactly_k_and_matches_reference() -> None:

@@ -14,6 +14,7 @@ import torch
 from sae_lens.errors import SAELensError
 from sae_lens.saes import SparseAutoencoder
 from sae_lens.training import SAETrainer, TrainingState
+from sae_lens.training.lr_schedules import build_lr_lambda
 from tests.conftest import make_runner_config
 
 N_STEPS, SPLIT, BATCH, D_IN, D_SAE = 12, 5, 64, 16, 64
@@ -145,3 +146,37 @@ def test_an_incomplete_state_is_refused_by_name() -> None:
     target = TrainingState(make_cfg("topk"), SparseAutoencoder(make_cfg("topk")))
     with pytest.raises(SAELensError, match="fire_counts, optimizer"):
         target.load_state_dict(state)
+
+
+def group_lrs(state: TrainingState) -> dict[str, float]:
+    """Each parameter's current learning rate, by name."""
+    names = {id(param): name for name, param in state.sae.named_parameters()}
+    return {names[id(p)]: group["lr"] for group in state.optimizer.param_groups for p in group["params"]}
+
+
+@pytest.mark.parametrize(("architecture", "scale"), [("topk", 6.0), ("batchtopk", 6.0), ("standard", 1.0)])
+def test_the_decoder_trains_at_its_architectures_lr_multiple(architecture: str, scale: float) -> None:
+    cfg = make_runner_config(architecture=architecture, d_in=D_IN, d_sae=D_SAE, lr=2e-3)
+    state = TrainingState(cfg, SparseAutoencoder(cfg))
+    lrs = group_lrs(state)
+    assert lrs.pop("W_dec") == pytest.approx(2e-3 * scale)
+    assert set(lrs.values()) == {2e-3} and {"W_enc", "b_enc", "b_dec"} <= set(lrs)
+    assert state.scheduler.get_last_lr()[0] == 2e-3  # what the logs report: the base lr
+
+
+def test_decoder_lr_scale_overrides_the_default_and_follows_the_schedule() -> None:
+    cfg = make_runner_config(
+        architecture="topk", d_in=D_IN, d_sae=D_SAE, k=4, lr=1e-3, decoder_lr_scale=3.0,
+        train_batch_size=BATCH, total_training_tokens=BATCH * 10, lr_decay_steps=5,
+    )  # fmt: skip
+    trainer = SAETrainer(cfg, SparseAutoencoder(cfg), show_progress=False)
+    assert group_lrs(trainer.state)["W_dec"] == pytest.approx(3e-3)
+    trainer.fit(seeded_batches()[:8])  # into the 5-step decay to 0
+    lrs = group_lrs(trainer.state)
+    assert lrs["W_enc"] == pytest.approx(1e-3 * build_lr_lambda(cfg, 1e-3)(8)) and lrs["W_enc"] < 1e-3
+    assert lrs["W_dec"] == pytest.approx(3 * lrs["W_enc"])
+
+
+def test_decoder_lr_scale_must_be_positive() -> None:
+    with pytest.raises(SAELensError, match="decoder_lr_scale"):
+        make_runner_config(architecture="topk", decoder_lr_scale=0)

@@ -95,7 +95,7 @@ def test_fit_learns_synthetic_features(architecture: str) -> None:
     sae = trainer.fit(batches)
     after = ev(sae, held_out)
     assert sae is trainer.sae
-    assert before < 0.3
+    assert after > max(0.8, before + 0.25), (before, after)  # real learning, whatever the init gives
     assert after > 0.8, (before, after)
     assert trainer.n_steps == 80 and trainer.n_tokens == 80 * BATCH
     assert not trainer.ran_out_of_data
