@@ -472,7 +472,7 @@ class Driver:
                 "order": str(order),
                 "recon_out": str(Path(tmp) / "recon.safetensors"),
                 "threads": args.threads,
-                "variants_file": args.variants_file,
+                "variants_file": args.variants_file and str(Path(args.variants_file).resolve()),
             }
             if row["impl"] == "ours":
                 command = [sys.executable, str(Path(__file__).resolve()), "--worker"]
@@ -594,7 +594,7 @@ def print_table(rows: list[dict[str, Any]], markdown: bool = False) -> None:
         for line in lines:
             print("| " + " | ".join(line) + " |")
     else:
-        widths = [max(len(c), *(len(line[i]) for line in lines)) for i, c in enumerate(TABLE_COLUMNS)]
+        widths = [max([len(c), *(len(line[i]) for line in lines)]) for i, c in enumerate(TABLE_COLUMNS)]
         print("\n" + "  ".join(c.rjust(w) for c, w in zip(TABLE_COLUMNS, widths, strict=True)))
         for line in lines:
             print("  ".join(c.rjust(w) for c, w in zip(line, widths, strict=True)))

@@ -118,6 +118,9 @@ def build_our_trainer(spec: dict[str, Any]) -> Any:
         model_dtype=spec["dtype"],
         seed=spec["seed"],
         matryoshka_widths=list(spec["matryoshka_widths"]) if "matryoshka" in spec["arch"] else None,
+        # The step's throughput: the once-per-run decoder refit (its accumulation in the last
+        # steps and its solve, docs/quality.md) is timed in the main job and bench_quality instead.
+        decoder_refit_tokens=0,
     )
     torch.manual_seed(spec["seed"])
     sae = SparseAutoencoder.from_config(cfg.sae_config(spec["d_in"]))

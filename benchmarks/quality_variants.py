@@ -4,12 +4,21 @@ A variant name is a comma-separated list of `key=value` changes to our trainer (
 has the rows they produced):
 
 - `enc_scale=S`: multiply the initial encoder (the decoder's transpose) by S;
-- `enc_lr=M`: train `W_enc` at M times the learning rate;
+- `enc_lr=M`, `benc_lr=M`: train `W_enc` (`b_enc`) at M times the learning rate;
+- `refit=F`: after training, replace `W_dec` and `b_dec` by the least-squares fit of the batches
+  to the trained encoder's codes, over the last fraction F of the training batches (the
+  experiment behind `decoder_refit_tokens`; pass `--ours-config decoder_refit_tokens=0` with it);
 - `retie=N`: every N steps until 80% of the run, give each latent that has not fired for N steps
   its decoder row (at the median live encoder norm) as its encoder column, the median live b_enc,
-  and fresh Adam moments for both.
+  and fresh Adam moments for both;
+- `lazy_adam=1`: leave a latent's weights and Adam moments alone in a step that gave it no gradient;
+- `aux_nobias=1`: AuxK does not train the dead latents' encoder bias;
+- `aux_rotate=1`: AuxK only turns the dead latents' encoder columns (no radial gradient);
+- `k_anneal=F`: k falls linearly from 4k to k over the first fraction F of the steps;
+- `trace=1`: no change (the trace alone).
 
-Every variant also records, every 25 steps, how many latents had not fired for 50 steps (`trace`).
+Every variant also records, every 25 steps (`trace`), how many latents had not fired for 10 and 50
+steps, and the median encoder norm and bias of the silent and the live ones.
 
     python benchmarks/bench_quality.py --libs ours --layers 3 --archs topk32 --lrs 1e-3 \\
         --variants-file benchmarks/quality_variants.py --variant enc_scale=0.1
@@ -28,30 +37,174 @@ def train_variant(name: str, cfg_kwargs: dict[str, Any], batches: Iterable[torch
     from sae_lens import LanguageModelSAERunnerConfig, SAETrainer, SparseAutoencoder
 
     changes = dict(part.split("=", 1) for part in name.split(",") if part)
-    unknown = set(changes) - {"enc_scale", "enc_lr", "retie"}
+    unknown = set(changes) - {
+        "trace",
+        "k_anneal",
+        "aux_nobias",
+        "aux_rotate",
+        "lazy_adam",
+        "enc_scale",
+        "enc_lr",
+        "benc_lr",
+        "retie",
+        "refit",
+    }
     if unknown:
         raise ValueError(f"unknown variant keys {sorted(unknown)}")
+    if "aux_nobias" in changes or "aux_rotate" in changes:
+        _aux_k_patched(bias="aux_nobias" in changes, radial="aux_rotate" in changes)
     cfg = LanguageModelSAERunnerConfig(**cfg_kwargs)
     sae = SparseAutoencoder(cfg)
     trainer = SAETrainer(cfg, sae, show_progress=False)
     if "enc_scale" in changes:
         with torch.no_grad():
             sae.W_enc.mul_(float(changes["enc_scale"]))
-    if "enc_lr" in changes:
-        # Adam keeps one group per parameter list; W_enc is in the first (base-lr) group, so move it.
-        state = trainer.state
-        base = state.optimizer.param_groups[0]
-        base["params"] = [p for p in base["params"] if p is not sae.W_enc]
-        state.optimizer.add_param_group({"params": [sae.W_enc], "lr": state.lr * float(changes["enc_lr"])})
-        state.scheduler = torch.optim.lr_scheduler.LambdaLR(state.optimizer, state.scheduler.lr_lambdas[0])
+    for key, name in (("enc_lr", "W_enc"), ("benc_lr", "b_enc")):
+        if key in changes:
+            # Adam keeps one group per parameter list; the parameter is in the first (base-lr)
+            # group, so move it to its own.
+            param = getattr(sae, name)
+            state = trainer.state
+            base = state.optimizer.param_groups[0]
+            base["params"] = [p for p in base["params"] if p is not param]
+            state.optimizer.add_param_group({"params": [param], "lr": state.lr * float(changes[key])})
+            state.scheduler = torch.optim.lr_scheduler.LambdaLR(
+                state.optimizer, state.scheduler.lr_lambdas[0]
+            )
+    if "lazy_adam" in changes:
+        _lazy_adam(trainer)
     stream: Iterable[torch.Tensor] = batches
+    kept: list[torch.Tensor] = []
+    if "refit" in changes:
+        kept = list(batches)
+        stream = iter(kept)
     retied: list[tuple[int, int]] = []
     if "retie" in changes:
         every = int(changes["retie"])
         stream = _retying(trainer, stream, every, int(0.8 * cfg.total_training_steps), retied)
+    if "k_anneal" in changes:
+        stream = _annealing_k(trainer, stream, float(changes["k_anneal"]), cfg.total_training_steps)
     trace: list[dict[str, int]] = []
     trainer.fit(_tracing(trainer, stream, trace))
-    return sae, {"lr_used": trainer.state.lr, "trace": trace, "retied": retied}
+    info: dict[str, Any] = {"lr_used": trainer.state.lr, "trace": trace, "retied": retied}
+    if kept:
+        share = float(changes["refit"])
+        info["refit_seconds"] = _refit_decoder(sae, kept[-max(1, round(share * len(kept))) :])
+    return sae, info
+
+
+def _lazy_adam(trainer: Any) -> None:
+    """Adam that leaves a latent's weights and moments alone in a step that gave it no gradient
+    (its momentum otherwise keeps moving a latent that has stopped firing)."""
+    sae, optimizer = trainer.sae, trainer.state.optimizer
+    step = optimizer.step
+    # (parameter, latent dimension)
+    per_latent = [(sae.W_enc, 1), (sae.b_enc, 0), (sae.W_dec, 0)]
+
+    def lazy_step(*args: Any, **kwargs: Any) -> Any:
+        saved = []
+        with torch.no_grad():
+            grad = sae.W_enc.grad
+            if grad is None:
+                return step(*args, **kwargs)
+            idle = (grad != 0).sum(dim=0) == 0
+            index = idle.nonzero().squeeze(1)
+            for param, dim in per_latent:
+                moments = optimizer.state.get(param, {})
+                saved.append(
+                    (
+                        param,
+                        dim,
+                        param.detach().index_select(dim, index).clone(),
+                        {k: v.index_select(dim, index).clone() for k, v in moments.items() if k != "step"},
+                    )
+                )
+        out = step(*args, **kwargs)
+        with torch.no_grad():
+            for param, dim, values, moments in saved:
+                param.index_copy_(dim, index, values)
+                for key, value in moments.items():
+                    optimizer.state[param][key].index_copy_(dim, index, value)
+        return out
+
+    optimizer.step = lazy_step
+
+
+def _aux_k_patched(bias: bool, radial: bool) -> None:
+    """AuxK with the dead latents' encoder bias held fixed (`bias`) and/or without the radial part
+    of its gradient on their encoder columns (`radial`: AuxK turns them, never shrinks them)."""
+    import sae_lens.saes.aux_k as aux_module
+    import sae_lens.saes.topk_sae as topk_module
+    from sae_lens.saes.sae import TrainingBatch
+
+    original = aux_module.aux_k_loss
+
+    def patched(sae: Any, batch: TrainingBatch) -> dict[str, torch.Tensor]:
+        shadows = {}
+        if bias:
+            shadows["b_enc"] = sae.b_enc.detach()
+        if radial:
+            w = sae.W_enc
+            norms = w.norm(dim=0, keepdim=True)
+            shadows["W_enc"] = w / norms.clamp_min(1e-12) * norms.detach()
+        try:
+            sae.__dict__.update(shadows)  # shadows the parameters for this call only
+            return original(sae, batch)
+        finally:
+            for name in shadows:
+                del sae.__dict__[name]
+
+    topk_module.aux_k_loss = patched
+
+
+@torch.no_grad()
+def _refit_decoder(sae: Any, batches: list[torch.Tensor], ridge: float = 1e-2) -> float:
+    """Least-squares `W_dec`, `b_dec` for the trained encoder's codes on `batches` (raw scale),
+    pulled towards the trained ones with weight `ridge` x the mean squared code (so rarely firing
+    latents keep about their trained rows)."""
+    import time
+
+    started = time.perf_counter()
+    sae.eval()
+    d_sae, d_in = sae.cfg.d_sae, sae.cfg.d_in
+    gram = torch.zeros((d_sae + 1) * (d_sae + 1), dtype=torch.float64)
+    cross = torch.zeros(d_sae + 1, d_in, dtype=torch.float64)
+    for x in batches:
+        z = sae.encode(x).double()
+        z = torch.cat([z, torch.ones(z.shape[0], 1, dtype=z.dtype)], dim=1)
+        k = int((z != 0).sum(dim=1).max())
+        values, index = z.abs().topk(k, dim=1)
+        values = z.gather(1, index)
+        pairs = (index[:, :, None] * (d_sae + 1) + index[:, None, :]).reshape(-1)
+        gram.index_add_(0, pairs, (values[:, :, None] * values[:, None, :]).reshape(-1))
+        cross.index_add_(
+            0, index.reshape(-1), (values[:, :, None] * x.double()[:, None, :]).reshape(-1, d_in)
+        )
+    gram = gram.view(d_sae + 1, d_sae + 1)
+    scale = gram.diagonal().mean()
+    gram.diagonal().add_(ridge * scale)
+    cross[:d_sae] += ridge * scale * sae.W_dec.double()
+    cross[d_sae] += ridge * scale * sae.b_dec.double()
+    solution = torch.linalg.solve(gram, cross)
+    sae.W_dec.copy_(solution[:d_sae].to(sae.W_dec.dtype))
+    new_b_dec = solution[d_sae].to(sae.b_dec.dtype)
+    if sae.cfg.apply_b_dec_to_input:
+        # The encoder sees x - b_dec: keep its pre-activations (so its codes) as they were.
+        sae.b_enc.add_((new_b_dec - sae.b_dec) @ sae.W_enc)
+    sae.b_dec.copy_(new_b_dec)
+    return time.perf_counter() - started
+
+
+def _annealing_k(
+    trainer: Any, batches: Iterable[torch.Tensor], share: float, total: int
+) -> Iterator[torch.Tensor]:
+    """k falls linearly from 4k to k over the first `share` of the steps."""
+    k = trainer.sae.cfg.k
+    until = max(1, round(share * total))
+    for step, batch in enumerate(batches):
+        trainer.sae.cfg.k = max(k, round(4 * k - 3 * k * min(1.0, step / until)))
+        yield batch
+    trainer.sae.cfg.k = k
 
 
 def _tracing(
@@ -59,7 +212,19 @@ def _tracing(
 ) -> Iterator[torch.Tensor]:
     for step, batch in enumerate(batches):
         if step and step % 25 == 0:
-            trace.append({"step": step, "dead50": int((trainer.state.steps_since_fired > 50).sum())})
+            silent = trainer.state.steps_since_fired > 10
+            norms = trainer.sae.W_enc.detach().norm(dim=0)
+            trace.append(
+                {
+                    "step": step,
+                    "dead50": int((trainer.state.steps_since_fired > 50).sum()),
+                    "dead10": int(silent.sum()),
+                    "enc_norm_live": float(norms[~silent].median()),
+                    "enc_norm_dead": float(norms[silent].median()) if silent.any() else 0.0,
+                    "b_enc_live": float(trainer.sae.b_enc.detach()[~silent].median()),
+                    "b_enc_dead": float(trainer.sae.b_enc.detach()[silent].median()) if silent.any() else 0.0,
+                }
+            )
         yield batch
 
 

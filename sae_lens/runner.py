@@ -79,6 +79,10 @@ class RunResult:
     """The base learning rate trained with (what `lr="auto"` resolved to)."""
     dead_in_training: float = 0.0
     """Share of the latents that did not fire for the trainer's whole dead-latent window at the end."""
+    decoder_refit: dict[str, float] = field(default_factory=dict)
+    """What the closing decoder refit did (`SAETrainer.refit_report`: tokens, seconds, the squared
+    error of the kept tokens before and after, the held-out explained variance before and after);
+    empty when there was none or it was undone."""
     warnings: list[str] = field(default_factory=list)
     """What the end-of-training check found wrong (dead latents, a rising loss, a low explained
     variance), one line each with its fix; also logged."""
@@ -294,6 +298,7 @@ def train_saes(
                 ran_out_of_data=run.trainer.ran_out_of_data,
                 lr=run.trainer.state.lr,
                 dead_in_training=run.trainer.dead_latents().float().mean().item(),
+                decoder_refit=dict(run.trainer.refit_report),
                 warnings=warnings,
             )
         )

@@ -162,6 +162,10 @@ def runner_values(paths: dict[str, str], name: str, **overrides: Any) -> dict[st
         # AuxK by its own residual's variance, which is not exactly the gathered batch's, and these
         # tests compare data-parallel training with one rank training on the gathered batches.
         "dead_feature_window": 50,
+        # Off for the same reason: whether the closing decoder refit is kept is decided on the
+        # owning rank's held-out rows, and ranks hold out different rows. (The torchrun CLI run
+        # below refits, across ranks.)
+        "decoder_refit_tokens": 0,
         "wandb_log_frequency": 5,
         "n_checkpoints": 1,
         "checkpoint_path": paths[name],
@@ -280,7 +284,8 @@ def _start_torchrun(tiny_gpt2_dir: Path, root: Path, name: str, **overrides: Any
 def torchrun(tiny_gpt2_dir: Path, root: Path) -> subprocess.Popen[str]:
     """A whole CLI run under torchrun, started here and left running while the spawned ranks work
     (the test that reads it waits for it)."""
-    return _start_torchrun(tiny_gpt2_dir, root, "torchrun")
+    # With the decoder refit (off in `runner_values`): its equations are summed across the ranks.
+    return _start_torchrun(tiny_gpt2_dir, root, "torchrun", decoder_refit_tokens=131072)
 
 
 @pytest.fixture(scope="module")
@@ -400,6 +405,17 @@ def test_every_sae_on_every_rank_writes_one_run_folder_from_rank_0(ranks: list[d
     assert len(buffers) == WORLD and not torch.equal(buffers[0], buffers[1])
 
 
+def assert_same_training(got: torch.Tensor, want: torch.Tensor, name: str) -> None:
+    """The same SAE up to float reordering: data-parallel training averages per-rank gradients
+    where one rank sums the gathered batch, and over 30 steps a rounding-level difference can move
+    a single weight of a latent that was near a top-k tie by ~3e-4. So: every element within 1e-3,
+    and at most 0.1% of them outside rtol 1e-4 / atol 1e-5."""
+    difference = (got - want).abs()
+    assert float(difference.max()) <= 1e-3, (name, float(difference.max()))
+    outside = difference > 1e-5 + 1e-4 * want.abs()
+    assert float(outside.float().mean()) <= 1e-3, (name, int(outside.sum()), outside.numel())
+
+
 def test_distribute_saes_trains_each_sae_on_one_rank_on_the_batches_of_both(
     ranks: list[dict[str, Any]],
 ) -> None:
@@ -412,7 +428,7 @@ def test_distribute_saes_trains_each_sae_on_one_rank_on_the_batches_of_both(
     # The first SAE is built first on rank 0 either way: the same SAE as with every SAE on every rank.
     spread = ranks[0]["runner"]["distributed"]["00-k=4"]["weights"]
     for key, tensor in ranks[0]["runner"]["every_rank"]["00-k=4"]["weights"].items():
-        torch.testing.assert_close(spread[key], tensor, rtol=1e-4, atol=1e-5, msg=key)
+        assert_same_training(spread[key], tensor, key)
 
 
 def test_distribute_saes_does_not_change_the_saes_trained(ranks: list[dict[str, Any]]) -> None:
@@ -420,7 +436,7 @@ def test_distribute_saes_does_not_change_the_saes_trained(ranks: list[dict[str, 
     still be the one the undistributed sweep trains."""
     spread = ranks[1]["runner"]["distributed"]["01-k=8"]["weights"]
     for key, tensor in ranks[0]["runner"]["every_rank"]["01-k=8"]["weights"].items():
-        torch.testing.assert_close(spread[key], tensor, rtol=1e-4, atol=1e-5, msg=key)
+        assert_same_training(spread[key], tensor, key)
 
 
 def test_a_distribute_saes_checkpoint_holds_every_sae(ranks: list[dict[str, Any]]) -> None:

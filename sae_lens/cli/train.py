@@ -134,6 +134,17 @@ def _print_summary(result: Any, report: Any) -> None:
             print(f"  {key:<19} {m[key]:.3f}")
     print(f"  tokens trained      {result.tokens_trained:,} in {result.seconds:.0f} s")
     print(f"  learning rate       {result.lr:.3g}")
+    refit = result.decoder_refit
+    if refit:
+        held_out = (
+            f", held-out explained variance {refit['held_out_explained_variance_before']:.3f} -> "
+            f"{refit['held_out_explained_variance']:.3f}"
+            if "held_out_explained_variance" in refit
+            else ""
+        )
+        print(
+            f"  decoder refit       on the last {refit['tokens']:,.0f} tokens in {refit['seconds']:.1f} s{held_out}"
+        )
     if result.ran_out_of_data:
         print("  note: the dataset ran out before total_training_tokens; the SAE trained so far was saved")
     for warning in result.warnings:

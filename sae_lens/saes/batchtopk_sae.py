@@ -58,6 +58,7 @@ class BatchTopKSAE(SparseAutoencoder):
     cfg: BatchTopKSAEConfig
     reuse_freed_cpu_memory = True
     decoder_lr_scale = DECODER_LR_SCALE  # as TopK's, for the same reason
+    supports_decoder_refit = True
     threshold: torch.Tensor
 
     def init_encoder_parameters(self) -> None:

@@ -66,6 +66,8 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
 
     config_class = MatryoshkaBatchTopKSAEConfig
     cfg: MatryoshkaBatchTopKSAEConfig
+    # A least-squares fit of the full reconstruction would undo what the prefix losses ask for.
+    supports_decoder_refit = False
 
     @property
     def matryoshka_widths(self) -> list[int]:

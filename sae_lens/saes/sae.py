@@ -308,6 +308,10 @@ class SparseAutoencoder(HookedRootModule):
     """The multiple of the learning rate that `W_dec` trains at by default
     (`TrainerConfig.decoder_lr_scale` overrides it). See `TopKSAE.decoder_lr_scale` for why the
     TopK family raises it."""
+    supports_decoder_refit: ClassVar[bool] = False
+    """Whether the trainer may refit `W_dec` and `b_dec` by least squares at the end of training
+    (`sae_lens.training.decoder_refit`): only where the training codes are sparse and the loss is
+    plain reconstruction."""
     reuse_freed_cpu_memory: ClassVar[bool] = False
     """Whether CPU training keeps freed memory for reuse by default (`sae_lens.cpu_memory`).
 
@@ -379,8 +383,8 @@ class SparseAutoencoder(HookedRootModule):
         else:  # a transcoder: the decoder's directions live in another space
             nn.init.kaiming_uniform_(self.W_enc)
             self.W_enc.mul_(norm / self.W_enc.norm(dim=0, keepdim=True))
-        # Only the TopK family's config declares it (`TopKSAEConfig.encoder_init_scale`).
-        self.W_enc.mul_(getattr(self.cfg, "encoder_init_scale", 1.0))
+        # Only the TopK family's config declares it (`TopKSAEConfig.initial_encoder_scale`).
+        self.W_enc.mul_(getattr(self.cfg, "initial_encoder_scale", 1.0))
 
     @classmethod
     def from_config(cls, cfg: Any) -> SparseAutoencoder:

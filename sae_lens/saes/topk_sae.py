@@ -24,15 +24,24 @@ class TopKSAEConfig(SAEConfig):
     """Active latents per token."""
     aux_k: int | None = option(None, optional(positive_int))
     """Dead latents used by the AuxK loss; d_in // 2 when unset."""
-    encoder_init_scale: float = option(0.5, positive)
-    """The encoder starts as the decoder's transpose times this. 0.5: a smaller encoder learns
-    which latents win faster under Adam (each step is larger relative to it), but at 0.3 and below
-    latents die; on the quality benchmark 0.5 cuts FVU by 4-34% across lrs and layers with at most
-    0.11% dead up to the auto lr (docs/quality.md). 1 starts it at the decoder's transpose, as the
-    TopK paper does."""
+    encoder_init_scale: float | None = option(None, optional(positive))
+    """The encoder starts as the decoder's transpose times this. Unset: 16 / k, between 0.35 and 1
+    (`initial_encoder_scale`: 1 at k 16 and below, 0.5 at k 32, 0.35 from k 46 up). A smaller
+    encoder learns which latents win faster under Adam (each step is larger relative to it), but
+    the fewer latents a token keeps, the more of them a small one starves: on the quality
+    benchmark (docs/quality.md) k 16 loses a third of its latents at 0.5 or 0.7 and 0.7% at 1; k 32
+    is best at 0.5 (0.3 loses 5-9% at low lrs); k 64 keeps them all at 0.35 and reconstructs 1-6%
+    better than at 0.5. 1 starts it at the decoder's transpose, as the TopK paper does."""
     aux_k_coefficient: float = option(8.0, non_negative)
     """Weight of the AuxK loss (0 turns it off). 8, not the TopK paper's 1/32: on the quality
     benchmark it keeps the dictionary alive at every lr tried, at no cost in FVU (docs/quality.md)."""
+
+    @property
+    def initial_encoder_scale(self) -> float:
+        """`encoder_init_scale`, or 16 / k clamped to [0.35, 1] when unset."""
+        if self.encoder_init_scale is not None:
+            return self.encoder_init_scale
+        return min(1.0, max(0.35, 16 / self.k))
 
     def validate(self) -> None:
         super().validate()
@@ -59,6 +68,7 @@ class TopKSAE(SparseAutoencoder):
     # the encoder, is what limits a short run. A larger decoder lr speeds that up without killing
     # latents (a larger encoder lr kills them); docs/quality.md has the rows.
     decoder_lr_scale = DECODER_LR_SCALE
+    supports_decoder_refit = True
 
     @property
     def k(self) -> int:

@@ -8,8 +8,11 @@ from collections.abc import Callable
 from sae_lens.training.config import TrainerConfig
 
 
-def build_lr_lambda(cfg: TrainerConfig, lr: float | None = None) -> Callable[[int], float]:
-    """`step -> LR multiplier` of base LR `lr` (`cfg.lr` when not given) for `LambdaLR`.
+def build_lr_lambda(
+    cfg: TrainerConfig, lr: float | None = None, d_sae: int | None = None
+) -> Callable[[int], float]:
+    """`step -> LR multiplier` of base LR `lr` (`cfg.lr` when not given) for `LambdaLR`, for an SAE
+    of `d_sae` latents (needed only by `lr_decay_steps="auto"`).
 
     Warm-up rises linearly from 1/warm_up to 1 over `lr_warm_up_steps`; after it, `constant`
     stays at 1, `cosineannealing` falls along a half cosine to lr_end / lr at the last step, and
@@ -25,7 +28,11 @@ def build_lr_lambda(cfg: TrainerConfig, lr: float | None = None) -> Callable[[in
     floor = (cfg.lr_end if cfg.lr_end is not None else lr / 10) / lr
     decay_steps = max(1, total - warm_up)
     cycle = max(1, math.ceil(decay_steps / cfg.n_restart_cycles))
-    final = min(cfg.decay_steps, total - warm_up)
+    final = 0
+    if cfg.lr_scheduler_name == "constant":  # the only schedule with a final decay
+        if cfg.lr_decay_steps == "auto" and d_sae is None:
+            raise ValueError("lr_decay_steps='auto' depends on the SAE's width; pass d_sae")
+        final = min(cfg.decay_steps_for(lr, d_sae or 1), total - warm_up)
     final_floor = (cfg.lr_end or 0.0) / lr
 
     def multiplier(step: int) -> float:

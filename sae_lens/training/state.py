@@ -3,7 +3,7 @@
 Saving `TrainingState.state_dict()` and loading it into a fresh state built from the same config
 continues training exactly where it stopped: the SAE's parameters and buffers (BatchTopK's
 threshold among them), Adam's moments, the LR schedule, the firing counters, the step and token
-counts, and the input scale.
+counts, the input scale, and the batches kept for the decoder refit.
 """
 
 from __future__ import annotations
@@ -27,9 +27,13 @@ class TrainingState:
         self.lr = cfg.resolved_lr(sae.cfg.d_sae)
         """The base learning rate (`lr`, or what `lr="auto"` resolves to for this SAE)."""
         self.decoder_lr_scale = (
-            cfg.decoder_lr_scale if cfg.decoder_lr_scale is not None else sae.decoder_lr_scale
+            cfg.decoder_lr_scale
+            if cfg.decoder_lr_scale is not None
+            else max(1.0, sae.decoder_lr_scale * min(1.0, cfg.auto_lr_for(sae.cfg.d_sae) / self.lr))
         )
-        """`W_dec`'s learning rate over the base one (`TrainerConfig.decoder_lr_scale`)."""
+        """`W_dec`'s learning rate over the base one: `TrainerConfig.decoder_lr_scale`, or the
+        architecture's scale with the decoder's lr capped at that scale times the auto lr, and never
+        below the base lr (above the cap the decoder's fast rows kill latents: docs/quality.md)."""
         others = [param for name, param in sae.named_parameters() if name != "W_dec"]
         groups: list[dict[str, Any]] = [
             {"params": others},
@@ -39,7 +43,9 @@ class TrainingState:
         self.optimizer = torch.optim.Adam(
             groups, lr=self.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), fused=True
         )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, build_lr_lambda(cfg, self.lr))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, build_lr_lambda(cfg, self.lr, sae.cfg.d_sae)
+        )
         d_sae, device = sae.cfg.d_sae, sae.device
         self.steps_since_fired = torch.zeros(d_sae, dtype=torch.long, device=device)
         """Steps since each latent last fired `[d_sae]`."""
@@ -58,6 +64,10 @@ class TrainingState:
         """Whether b_dec and the input scale have been set from the first batch."""
         self.first_loss = math.nan
         """The loss of the first step, the yardstick of the divergence guard (NaN until then)."""
+        self.refit_inputs: list[torch.Tensor] = []
+        """The batches of the final steps, kept for the decoder refit (training scale)."""
+        self.refit_targets: list[torch.Tensor] = []
+        """Their targets, for a transcoder (empty for an SAE)."""
 
     _COUNTERS = ("steps_since_fired", "fire_counts", "window_fire_counts", "below_threshold")
     _NUMBERS = ("window_tokens", "n_steps", "n_tokens", "input_scale", "initialised", "first_loss")
@@ -75,6 +85,11 @@ class TrainingState:
             "scheduler": self.scheduler.state_dict(),
             **{name: getattr(self, name).clone() for name in self._COUNTERS},
             **{name: getattr(self, name) for name in self._NUMBERS},
+            **(
+                {"refit_inputs": list(self.refit_inputs), "refit_targets": list(self.refit_targets)}
+                if self.refit_inputs
+                else {}
+            ),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -89,3 +104,6 @@ class TrainingState:
             getattr(self, name).copy_(state[name])
         for name in self._NUMBERS:
             setattr(self, name, type(getattr(self, name))(state[name]))
+        device = self.sae.device
+        self.refit_inputs = [tensor.to(device) for tensor in state.get("refit_inputs", [])]
+        self.refit_targets = [tensor.to(device) for tensor in state.get("refit_targets", [])]

@@ -8,6 +8,7 @@ One step: scale the batch -> forward with losses -> backward -> drop the decoder
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import tempfile
 import time
@@ -27,9 +28,12 @@ from sae_lens.metrics_logger import MetricsLogger
 from sae_lens.saes.sae import SparseAutoencoder, latent_fire_counts
 from sae_lens.training.checkpoint import write_checkpoint
 from sae_lens.training.config import TrainerConfig
+from sae_lens.training.decoder_refit import DecoderRefit
 from sae_lens.training.health import training_warnings
 from sae_lens.training.state import TrainingState
 from sae_lens.training.stopping import GracefulStop, TrainingDiverged, TrainingInterrupted
+
+log = logging.getLogger("sae_lens")
 
 Evaluator = Callable[[SparseAutoencoder, float], dict[str, Any]]
 """Called as `evaluator(sae, input_scale)`; returns metrics to log (tensors are logged as histograms)."""
@@ -77,6 +81,10 @@ class SAETrainer:
         """The training loss at every log of this process's run (what `warnings` reads)."""
         self.ran_out_of_data = False
         self._graceful_stop = GracefulStop()
+        self.refit_report: dict[str, float] = {}
+        """What the decoder refit did (`tokens`, `objective_before`, `objective_after`); empty if nothing."""
+        self._refit_from_step = self._decoder_refit_start()
+        self._before_refit: dict[str, torch.Tensor] | None = None
 
     # Seed-era attribute names, read from the state.
     optimizer = property(lambda self: self.state.optimizer)
@@ -172,10 +180,10 @@ class SAETrainer:
         return metrics
 
     def end(self) -> SparseAutoencoder:
-        """Final evaluation, then fold the input scale in; returns the SAE."""
+        """The decoder refit, the final evaluation, then fold the input scale in; returns the SAE."""
         self._progress.close()
         self.ran_out_of_data = self.n_steps < self.cfg.total_training_steps
-        self.last_eval = self.evaluate()
+        self.last_eval = self._refit_and_evaluate()
         self._log(dict(self.last_eval))
         self.finalise()
         return self.sae
@@ -253,6 +261,11 @@ class SAETrainer:
             state.window_fire_counts += fired_per_latent
             state.steps_since_fired += 1
             state.steps_since_fired[fired_per_latent > 0] = 0
+            if self._refit_from_step is not None and state.n_steps >= self._refit_from_step:
+                # Copies: a caller may reuse its batch tensors.
+                state.refit_inputs.append(x.detach().clone())
+                if target is not None:
+                    state.refit_targets.append(target.detach().clone())
         state.n_steps += 1
         state.n_tokens += n_tokens
         state.window_tokens += n_tokens
@@ -306,6 +319,107 @@ class SAETrainer:
         warm_up = self.cfg.l1_warm_up_steps
         ramp = min(1.0, (self.n_steps + 1) / warm_up) if warm_up > 0 else 1.0
         return coefficient * ramp
+
+    # -- the decoder refit (sae_lens.training.decoder_refit) -------------------------------------
+
+    def _decoder_refit_start(self) -> int | None:
+        """The first step whose batch feeds the refit, or None when there is no refit."""
+        sae, steps = self.sae, self.cfg.refit_steps
+        if steps <= 0 or not sae.supports_decoder_refit or sae.cfg.skip_connection:
+            return None
+        if sae.cfg.d_sae > self.cfg.decoder_refit_max_latents:
+            log.info(
+                "decoder refit skipped: d_sae %d is over decoder_refit_max_latents (%d); its Gram matrix "
+                "would take %.1f GB (raise decoder_refit_max_latents to refit anyway)",
+                sae.cfg.d_sae,
+                self.cfg.decoder_refit_max_latents,
+                DecoderRefit.memory_bytes(sae.cfg.d_sae) / 1e9,
+            )
+            return None
+        return max(0, self.cfg.total_training_steps - steps)
+
+    @torch.no_grad()
+    def refit_decoder(self) -> dict[str, float]:
+        """Encode the kept final batches with the trained SAE and replace `W_dec` and `b_dec` by
+        the least-squares fit to them (once; the encoder bias absorbs the change of b_dec when the
+        encoder subtracts it). Returns `refit_report`; `{}` when nothing was kept or the fit would
+        not lower their squared error."""
+        state, sae = self.state, self.sae
+        inputs = state.refit_inputs
+        targets: list[torch.Tensor | None] = list(state.refit_targets) or [None] * len(inputs)
+        state.refit_inputs, state.refit_targets = [], []
+        if not inputs:
+            return self.refit_report
+        started = time.perf_counter()
+        refit = DecoderRefit(sae.cfg.d_sae, sae.cfg.output_width, sae.device)
+        # The inference codes (BatchTopK's are its threshold's), without touching any training
+        # statistic such as that threshold.
+        was_training = sae.training
+        sae.eval()
+        for x, target in zip(inputs, targets, strict=True):
+            refit.add(sae.encode(x), x if target is None else target)
+        sae.train(was_training)
+        del inputs, targets
+        tokens = float(refit.upper[-1, -1])
+        solved = refit.solve(
+            sae.W_dec, sae.b_dec, ridge=self.cfg.decoder_refit_ridge, data_parallel=self.data_parallel
+        )
+        del refit
+        if solved is None:
+            return self.refit_report
+        weights, before, after = solved
+        self._before_refit = {
+            name: getattr(sae, name).detach().clone() for name in ("W_dec", "b_dec", "b_enc")
+        }
+        new_b_dec = weights[-1]
+        if sae.cfg.apply_b_dec_to_input:
+            # The encoder sees x - b_dec: keep its pre-activations, so its codes, exactly as trained.
+            sae.b_enc.add_((new_b_dec - sae.b_dec) @ sae.W_enc)
+        sae.W_dec.copy_(weights[:-1])
+        sae.b_dec.copy_(new_b_dec)
+        seconds = time.perf_counter() - started
+        self.refit_report = {
+            "tokens": tokens,
+            "objective_before": before,
+            "objective_after": after,
+            "seconds": seconds,
+        }
+        log.info(
+            "decoder refit on %d tokens in %.1f s: their squared error %.4g -> %.4g (%.1f%% lower)",
+            tokens,
+            seconds,
+            before,
+            after,
+            100 * (1 - after / before),
+        )
+        return self.refit_report
+
+    @torch.no_grad()
+    def _refit_and_evaluate(self) -> dict[str, Any]:
+        """The refit, then the final evaluation. The kept batches are training data, so with an
+        evaluator the refit must also not lower the held-out explained variance, or it is undone."""
+        before = self.evaluate() if self.state.refit_inputs and self.evaluator is not None else None
+        self.refit_decoder()
+        after = self.evaluate()
+        saved = self._before_refit
+        undone = (
+            saved is not None
+            and before is not None
+            and after.get("eval/explained_variance", 0.0) < before.get("eval/explained_variance", 0.0)
+        )
+        if self.data_parallel:
+            undone = distributed.any_rank(undone)  # every rank keeps the same weights
+        if undone and saved is not None:  # under torchrun, on the ranks without an evaluator too
+            for name, tensor in saved.items():
+                getattr(self.sae, name).copy_(tensor)
+            log.info("decoder refit undone: it lowered the held-out explained variance")
+            self.refit_report = {}
+            after = before if before is not None else after
+        if self.refit_report and before is not None and "eval/explained_variance" in after:
+            self.refit_report["held_out_explained_variance_before"] = before["eval/explained_variance"]
+            self.refit_report["held_out_explained_variance"] = after["eval/explained_variance"]
+        self._before_refit = None
+        return after
 
     # -- initialisation -------------------------------------------------------------------------
 

@@ -255,3 +255,20 @@ def test_an_unknown_flag_suggests_the_closest_option(capsys: pytest.CaptureFixtu
         build_parser().parse_args(["train", "--jumprelu_bandwith", "0.1"])
     assert info.value.code == 2
     assert "did you mean --jumprelu_bandwidth?" in capsys.readouterr().err
+
+
+def test_the_summary_reports_the_decoder_refit(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    from sae_lens.cli.train import _print_summary
+    from sae_lens.runner import RunResult
+
+    refit = {"tokens": 131072.0, "seconds": 2.25, "held_out_explained_variance_before": 0.861}
+    refit["held_out_explained_variance"] = 0.878
+    result = RunResult(sae=None, output_dir=tmp_path, metrics={"l0": 32.0}, decoder_refit=refit)  # type: ignore[arg-type]
+    _print_summary(result, tmp_path / "report.html")
+    out = capsys.readouterr().out
+    assert (
+        "  decoder refit       on the last 131,072 tokens in 2.2 s, held-out explained variance 0.861 -> 0.878"
+        in out
+    )
+    _print_summary(RunResult(sae=None, output_dir=tmp_path), tmp_path / "report.html")  # type: ignore[arg-type]
+    assert "decoder refit" not in capsys.readouterr().out

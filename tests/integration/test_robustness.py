@@ -289,7 +289,11 @@ def diverged(tiny_gpt2_dir: Path, workdir: Path) -> dict[str, Any]:
             code = main(["train", *cli_args(values), "--quiet"])
         return code, "".join(captured)
 
-    fresh = run(tiny_run(tiny_gpt2_dir, workdir, "diverge_fresh", architecture="standard", lr=1000))
+    # A constant lr (the automatic decay starts at once this far above the auto lr), so that the
+    # message names exactly the lr that was set.
+    fresh = run(
+        tiny_run(tiny_gpt2_dir, workdir, "diverge_fresh", architecture="standard", lr=1000, lr_decay_steps=0)
+    )
     values = tiny_run(tiny_gpt2_dir, workdir, "diverge", architecture="standard", lr=1e-3, n_checkpoints=2)
     assert main(["train", *cli_args(values), "--quiet"]) == 0
     folder = workdir / "runs" / "diverge"

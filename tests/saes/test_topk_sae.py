@@ -25,7 +25,8 @@ def dense_topk_reference(sae: SparseAutoencoder, x: torch.Tensor, k: int) -> tor
 
 def test_config_options_and_defaults() -> None:
     cfg = TopKSAEConfig(d_in=4, d_sae=64)
-    assert (cfg.k, cfg.aux_k, cfg.aux_k_coefficient, cfg.encoder_init_scale) == (32, None, 8.0, 0.5)
+    assert (cfg.k, cfg.aux_k, cfg.aux_k_coefficient, cfg.encoder_init_scale) == (32, None, 8.0, None)
+    assert cfg.initial_encoder_scale == 0.5
     assert cfg.architecture == "topk"
     assert not hasattr(cfg, "l1_coefficient")
 
@@ -33,11 +34,16 @@ def test_config_options_and_defaults() -> None:
 @pytest.mark.parametrize("architecture", ["topk", "batchtopk", "matryoshka_batchtopk"])
 def test_the_encoder_starts_as_the_scaled_decoder_transpose(architecture: str) -> None:
     options = {"matryoshka_widths": [4, 10]} if architecture == "matryoshka_batchtopk" else {}
-    sae = make_sae(architecture, k=2, **options)
+    sae = make_sae(architecture, k=2, encoder_init_scale=0.5, **options)
     assert torch.allclose(sae.W_dec.norm(dim=-1), torch.ones(10, dtype=torch.float64))
     assert torch.equal(sae.W_enc, sae.W_dec.T * 0.5)
     unit = make_sae(architecture, k=2, encoder_init_scale=1.0, **options)
     assert torch.equal(unit.W_enc, unit.W_dec.T)
+    # Unset: 16 / k, clamped to [0.35, 1].
+    wide_options = {"matryoshka_widths": [16, 64]} if options else {}
+    for k, scale in ((2, 1.0), (16, 1.0), (20, 0.8), (32, 0.5), (40, 0.4), (64, 0.35)):
+        wide = make_sae(architecture, d_in=4, d_sae=64, k=k, **wide_options)
+        torch.testing.assert_close(wide.W_enc, wide.W_dec.T * scale, rtol=1e-12, atol=0)
     assert torch.equal(make_sae("standard").W_enc, make_sae("standard").W_dec.T)  # not the TopK family's
     with pytest.raises(SAELensError, match="encoder_init_scale"):
         make_sae(architecture, k=2, encoder_init_scale=0, **options)

@@ -15,7 +15,7 @@ from sae_lens.training.config import TrainerConfig
 def test_defaults() -> None:
     cfg = TrainerConfig()
     assert (cfg.lr, cfg.adam_beta1, cfg.adam_beta2, cfg.lr_scheduler_name) == ("auto", 0.9, 0.999, "constant")
-    assert cfg.max_grad_norm == 1.0 and cfg.lr_decay_steps == 0.2
+    assert cfg.max_grad_norm == 1.0 and cfg.lr_decay_steps == "auto"
     assert (cfg.train_batch_size, cfg.total_training_tokens) == (1024, 300_000)
     assert cfg.normalize_activations == "none" and cfg.b_dec_init_method == "geometric_median"
     assert cfg.dead_feature_threshold == 0.0 and cfg.l1_warm_up_steps == 0
@@ -118,5 +118,23 @@ def test_lr_takes_a_number_or_auto_only() -> None:
 
 def test_decay_steps_as_a_fraction_of_the_run() -> None:
     cfg = TrainerConfig(total_training_tokens=100_000, train_batch_size=1000, lr_decay_steps=0.2)
-    assert cfg.decay_steps == 20
-    assert TrainerConfig(lr_decay_steps=7).decay_steps == 7
+    assert cfg.decay_steps_for(1e-3, 6144) == 20
+    assert TrainerConfig(lr_decay_steps=7).decay_steps_for(1e-3, 6144) == 7
+
+
+def test_auto_decay_is_a_fifth_up_to_the_auto_lr_and_the_whole_run_from_twice_it() -> None:
+    cfg = TrainerConfig(total_training_tokens=100_000, train_batch_size=1024)  # 97 steps
+    auto = cfg.auto_lr_for(6144)
+    assert auto == pytest.approx(1.4e-3)
+    assert cfg.decay_steps_for(auto / 10, 6144) == cfg.decay_steps_for(auto, 6144) == round(0.2 * 97)
+    assert cfg.decay_steps_for(1.5 * auto, 6144) == round(0.6 * 97)  # 0.2 + 0.8 x 0.5
+    assert cfg.decay_steps_for(2 * auto, 6144) == cfg.decay_steps_for(10 * auto, 6144) == 97
+    # The auto lr falls with the width, so the same lr is "high" for a wider SAE.
+    assert cfg.decay_steps_for(auto, 4 * 6144) == 97
+
+
+def test_lr_decay_steps_is_a_number_or_auto() -> None:
+    with pytest.raises(SAELensError, match="lr_decay_steps must be a non-negative number or 'auto'"):
+        TrainerConfig(lr_decay_steps=-1)
+    with pytest.raises(SAELensError, match="lr_decay_steps"):
+        TrainerConfig(lr_decay_steps="soon")

@@ -107,6 +107,9 @@ def test_a_learning_rate_far_too_high_is_warned_about(
         l1_coefficient=1e-3,
         divergence_factor=1e6,
         max_grad_norm=None,
+        # Constant: the automatic decay would bring an lr this far above the auto lr down from
+        # the first step (which is what makes high lrs safer by default).
+        lr_decay_steps=0,
     )
     jumped = [line for line in result.warnings if "loss jumped to" in line]
     assert jumped and "lr is too high" in jumped[0], result.warnings

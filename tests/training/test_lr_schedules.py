@@ -41,7 +41,7 @@ def test_a_linear_decay_over_the_last_steps() -> None:
 def test_auto_lr_needs_the_resolved_value() -> None:
     with pytest.raises(ValueError, match="resolves per SAE"):
         build_lr_lambda(TrainerConfig())
-    assert build_lr_lambda(TrainerConfig(), lr=2e-3)(0) == 1.0
+    assert build_lr_lambda(TrainerConfig(), lr=2e-3, d_sae=6144)(0) == 1.0
 
 
 def test_cosine_annealing_ends_at_lr_end() -> None:

@@ -17,7 +17,7 @@ from sae_lens.training import SAETrainer, TrainingState
 from sae_lens.training.lr_schedules import build_lr_lambda
 from tests.conftest import make_runner_config
 
-N_STEPS, SPLIT, BATCH, D_IN, D_SAE = 12, 5, 64, 16, 64
+N_STEPS, SPLIT, BATCH, D_IN, D_SAE = 12, 8, 64, 16, 64
 
 # Options that make every stateful part matter: losses on dead latents (AuxK, ghost grads), the
 # BatchTopK threshold EMA, JumpReLU's thresholds, and an L1 warm-up.
@@ -54,6 +54,7 @@ def make_cfg(architecture: str) -> Any:
         feature_sampling_window=4,
         dead_feature_threshold=0.02,
         wandb_log_frequency=3,
+        decoder_refit_tokens=N_STEPS * BATCH,  # capped at half the run: steps 6-11, around the split
         **OPTIONS[architecture],
     )
 
@@ -89,8 +90,11 @@ def test_resumed_training_is_bitwise_the_uninterrupted_run(architecture: str) ->
     assert uninterrupted.n_steps == N_STEPS
 
     first = fresh_trainer(architecture, seed=0)
-    first.fit(batches[:SPLIT])
-    assert first.n_steps == SPLIT and first.ran_out_of_data
+    first.begin(batches[0])  # steps without `end`, as when a checkpoint is written mid-run
+    for batch in batches[:SPLIT]:
+        first.step(batch)
+    assert first.n_steps == SPLIT
+    assert bool(first.state.refit_inputs) == first.sae.supports_decoder_refit
     # Through bytes, as a checkpoint file would carry it, read back the safe way.
     buffer = io.BytesIO()
     torch.save(first.state.state_dict(), buffer)
@@ -114,6 +118,10 @@ def test_resumed_training_is_bitwise_the_uninterrupted_run(architecture: str) ->
     )
     if architecture == "batchtopk":
         assert bool((resumed.sae.threshold > 0).all())  # the EMA was set and carried over
+    # Both refitted their decoders from the same equations (the resumed run's began in `first`).
+    timeless = [{k: v for k, v in t.refit_report.items() if k != "seconds"} for t in (resumed, uninterrupted)]
+    assert timeless[0] == timeless[1]
+    assert bool(resumed.refit_report) == resumed.sae.supports_decoder_refit
 
 
 def test_state_dict_holds_everything_and_copies_tensors() -> None:

@@ -153,6 +153,7 @@ def test_divergence_names_the_step_the_loss_and_the_lr_and_skips_the_update(tmp_
         architecture="standard",
         l1_coefficient=1e-3,
         lr=1000.0,
+        lr_decay_steps=0,  # the message names the lr of the step, so keep it at 1000
         normalize_activations="none",
         n_checkpoints=49,  # one per step: the step before the divergence is on disk
     )

@@ -104,7 +104,7 @@ cfg = LanguageModelSAERunnerConfig(
     # --- optimisation ---
     lr=1e-3,  # Adam learning rate (default "auto": fitted to d_sae and the batch size)
     max_grad_norm=1.0,  # gradient clipping (the default); None turns it off
-    lr_decay_steps=0.2,  # the lr falls linearly to 0 over the last 20% of steps (the default)
+    lr_decay_steps="auto",  # the lr falls linearly to 0 over the last 20% of steps, longer above the auto lr (the default)
     train_batch_size=512,  # activations (tokens) per optimiser step (default 1024)
     total_training_tokens=40_960,  # 80 steps (default 300,000, the main job)
     n_batches_in_buffer=8,  # shuffling buffer, in training batches; half is refilled at a time (default 32)
