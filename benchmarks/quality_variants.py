@@ -159,39 +159,20 @@ def _aux_k_patched(bias: bool, radial: bool) -> None:
 
 @torch.no_grad()
 def _refit_decoder(sae: Any, batches: list[torch.Tensor], ridge: float = 1e-2) -> float:
-    """Least-squares `W_dec`, `b_dec` for the trained encoder's codes on `batches` (raw scale),
-    pulled towards the trained ones with weight `ridge` x the mean squared code (so rarely firing
-    latents keep about their trained rows)."""
+    """The library's least-squares refit (`sae_lens.training.decoder_refit`) on `batches` (raw
+    scale), after training, with the trained encoder's codes; returns its seconds."""
     import time
+
+    from sae_lens.training.decoder_refit import DecoderRefit, apply_refit
 
     started = time.perf_counter()
     sae.eval()
-    d_sae, d_in = sae.cfg.d_sae, sae.cfg.d_in
-    gram = torch.zeros((d_sae + 1) * (d_sae + 1), dtype=torch.float64)
-    cross = torch.zeros(d_sae + 1, d_in, dtype=torch.float64)
+    refit = DecoderRefit(sae.cfg.d_sae, sae.cfg.d_in, sae.device)
     for x in batches:
-        z = sae.encode(x).double()
-        z = torch.cat([z, torch.ones(z.shape[0], 1, dtype=z.dtype)], dim=1)
-        k = int((z != 0).sum(dim=1).max())
-        values, index = z.abs().topk(k, dim=1)
-        values = z.gather(1, index)
-        pairs = (index[:, :, None] * (d_sae + 1) + index[:, None, :]).reshape(-1)
-        gram.index_add_(0, pairs, (values[:, :, None] * values[:, None, :]).reshape(-1))
-        cross.index_add_(
-            0, index.reshape(-1), (values[:, :, None] * x.double()[:, None, :]).reshape(-1, d_in)
-        )
-    gram = gram.view(d_sae + 1, d_sae + 1)
-    scale = gram.diagonal().mean()
-    gram.diagonal().add_(ridge * scale)
-    cross[:d_sae] += ridge * scale * sae.W_dec.double()
-    cross[d_sae] += ridge * scale * sae.b_dec.double()
-    solution = torch.linalg.solve(gram, cross)
-    sae.W_dec.copy_(solution[:d_sae].to(sae.W_dec.dtype))
-    new_b_dec = solution[d_sae].to(sae.b_dec.dtype)
-    if sae.cfg.apply_b_dec_to_input:
-        # The encoder sees x - b_dec: keep its pre-activations (so its codes) as they were.
-        sae.b_enc.add_((new_b_dec - sae.b_dec) @ sae.W_enc)
-    sae.b_dec.copy_(new_b_dec)
+        refit.add(sae.encode(x), x)
+    solved = refit.solve(sae.W_dec, sae.b_dec, ridge=ridge)
+    if solved is not None:
+        apply_refit(sae, solved[0])
     return time.perf_counter() - started
 
 

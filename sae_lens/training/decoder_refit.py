@@ -28,6 +28,8 @@ off unit norm; inference does not need them there.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from sae_lens import distributed
@@ -123,14 +125,14 @@ class DecoderRefit:
             return None
         return refitted.to(W_dec.dtype), before, after
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {
-            "upper": self.upper.clone(),
-            "cross": self.cross.clone(),
-            "target_square": self.target_square.clone(),
-        }
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.upper.copy_(state["upper"])
-        self.cross.copy_(state["cross"])
-        self.target_square.copy_(state["target_square"])
+@torch.no_grad()
+def apply_refit(sae: Any, weights: torch.Tensor) -> None:
+    """Put `weights` = [W_dec; b_dec] `[d_sae + 1, d_out]` (from `DecoderRefit.solve`) into `sae`.
+    When the encoder sees x - b_dec, b_enc absorbs the change of b_dec, so the pre-activations
+    (and so the codes) stay exactly as they were."""
+    new_b_dec = weights[-1]
+    if sae.cfg.apply_b_dec_to_input:
+        sae.b_enc.add_((new_b_dec - sae.b_dec) @ sae.W_enc)
+    sae.W_dec.copy_(weights[:-1])
+    sae.b_dec.copy_(new_b_dec)

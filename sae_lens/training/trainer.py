@@ -28,7 +28,7 @@ from sae_lens.metrics_logger import MetricsLogger
 from sae_lens.saes.sae import SparseAutoencoder, latent_fire_counts
 from sae_lens.training.checkpoint import write_checkpoint
 from sae_lens.training.config import TrainerConfig
-from sae_lens.training.decoder_refit import DecoderRefit
+from sae_lens.training.decoder_refit import DecoderRefit, apply_refit
 from sae_lens.training.health import training_warnings
 from sae_lens.training.state import TrainingState
 from sae_lens.training.stopping import GracefulStop, TrainingDiverged, TrainingInterrupted
@@ -226,6 +226,7 @@ class SAETrainer:
         sae, state = self.sae, self.state
         if x.ndim != 2 or x.shape[1] != sae.cfg.d_in:
             self._check_batch(x)
+        given = x
         x = x.to(sae.device, sae.dtype)
         if target is not None:
             target = target.to(sae.device, sae.dtype)
@@ -262,8 +263,9 @@ class SAETrainer:
             state.steps_since_fired += 1
             state.steps_since_fired[fired_per_latent > 0] = 0
             if self._refit_from_step is not None and state.n_steps >= self._refit_from_step:
-                # Copies: a caller may reuse its batch tensors.
-                state.refit_inputs.append(x.detach().clone())
+                # A copy only of the caller's own tensor (which it may reuse); a moved, cast or
+                # scaled batch is already this step's.
+                state.refit_inputs.append(x.detach().clone() if x is given else x.detach())
                 if target is not None:
                     state.refit_targets.append(target.detach().clone())
         state.n_steps += 1
@@ -371,12 +373,7 @@ class SAETrainer:
         self._before_refit = {
             name: getattr(sae, name).detach().clone() for name in ("W_dec", "b_dec", "b_enc")
         }
-        new_b_dec = weights[-1]
-        if sae.cfg.apply_b_dec_to_input:
-            # The encoder sees x - b_dec: keep its pre-activations, so its codes, exactly as trained.
-            sae.b_enc.add_((new_b_dec - sae.b_dec) @ sae.W_enc)
-        sae.W_dec.copy_(weights[:-1])
-        sae.b_dec.copy_(new_b_dec)
+        apply_refit(sae, weights)
         seconds = time.perf_counter() - started
         self.refit_report = {
             "tokens": tokens,
