@@ -4,7 +4,8 @@ A variant name is a comma-separated list of `key=value` changes to our trainer (
 has the rows they produced):
 
 - `enc_scale=S`: multiply the initial encoder (the decoder's transpose) by S;
-- `enc_lr=M`, `benc_lr=M`: train `W_enc` (`b_enc`) at M times the learning rate;
+- `enc_lr=M`, `benc_lr=M`, `bdec_lr=M`: train `W_enc` (`b_enc`, `b_dec`) at M times the learning
+  rate;
 - `refit=F`: after training, replace `W_dec` and `b_dec` by the least-squares fit of the batches
   to the trained encoder's codes, over the last fraction F of the training batches (the
   experiment behind `decoder_refit_tokens`; pass `--ours-config decoder_refit_tokens=0` with it);
@@ -15,6 +16,19 @@ has the rows they produced):
 - `aux_nobias=1`: AuxK does not train the dead latents' encoder bias;
 - `aux_rotate=1`: AuxK only turns the dead latents' encoder columns (no radial gradient);
 - `k_anneal=F`: k falls linearly from 4k to k over the first fraction F of the steps;
+- `dead_decay=T`: start the final linear decay early, at the first step after `dead_grace`
+  (default 20) where more than a share T of the latents have not fired for the dead-latent window
+  (the decay otherwise starts where `lr_decay_steps` puts it);
+- `norm_to=F`: scale the inputs (`input_scale`, folded in at the end) so that their mean norm
+  is F sqrt(d_in), as `normalize_activations` does with F = 1;
+- `fit_scale=1`: at the first batch, scale the encoder by the least-squares size of the initial
+  reconstruction (codes are linear in the encoder's scale while the biases are zero), at most 1;
+- `dead_dec=T`: the first time, after `dead_grace` steps, that more than a share T of the latents
+  have not fired for the dead-latent window, multiply the decoder's lr by `dead_dec_factor`
+  (default 0.5) for the rest of the run;
+- `diag=N`: no change; every N steps record, on 512 tokens of the batch, the median k-th largest
+  pre-activation, the median best pre-activation of the silent and of the live latents, how far
+  `b_dec` has moved, and the encoder/decoder cosine of each group (`info["diag"]`);
 - `trace=1`: no change (the trace alone).
 
 Every variant also records, every 25 steps (`trace`), how many latents had not fired for 10 and 50
@@ -48,6 +62,14 @@ def train_variant(name: str, cfg_kwargs: dict[str, Any], batches: Iterable[torch
         "benc_lr",
         "retie",
         "refit",
+        "dead_decay",
+        "dead_grace",
+        "diag",
+        "bdec_lr",
+        "fit_scale",
+        "norm_to",
+        "dead_dec",
+        "dead_dec_factor",
     }
     if unknown:
         raise ValueError(f"unknown variant keys {sorted(unknown)}")
@@ -59,7 +81,7 @@ def train_variant(name: str, cfg_kwargs: dict[str, Any], batches: Iterable[torch
     if "enc_scale" in changes:
         with torch.no_grad():
             sae.W_enc.mul_(float(changes["enc_scale"]))
-    for key, name in (("enc_lr", "W_enc"), ("benc_lr", "b_enc")):
+    for key, name in (("enc_lr", "W_enc"), ("benc_lr", "b_enc"), ("bdec_lr", "b_dec")):
         if key in changes:
             # Adam keeps one group per parameter list; the parameter is in the first (base-lr)
             # group, so move it to its own.
@@ -84,9 +106,38 @@ def train_variant(name: str, cfg_kwargs: dict[str, Any], batches: Iterable[torch
         stream = _retying(trainer, stream, every, int(0.8 * cfg.total_training_steps), retied)
     if "k_anneal" in changes:
         stream = _annealing_k(trainer, stream, float(changes["k_anneal"]), cfg.total_training_steps)
+    decay_started: list[int] = []
+    if "dead_decay" in changes:
+        stream = _dead_decaying(
+            trainer, stream, float(changes["dead_decay"]), int(changes.get("dead_grace", 20)), decay_started
+        )
+    if "norm_to" in changes:
+        stream = _normalising(trainer, stream, float(changes["norm_to"]))
+    scales: list[float] = []
+    if "fit_scale" in changes:
+        stream = _fitting_scale(trainer, stream, scales)
+    diag: list[dict[str, float]] = []
+    if "diag" in changes:
+        stream = _diagnosing(trainer, stream, int(changes["diag"]), diag)
+    decoder_slowed: list[int] = []
+    if "dead_dec" in changes:
+        stream = _dead_slowing_decoder(
+            trainer,
+            stream,
+            float(changes["dead_dec"]),
+            float(changes.get("dead_dec_factor", 0.5)),
+            int(changes.get("dead_grace", 20)),
+            decoder_slowed,
+        )
     trace: list[dict[str, int]] = []
     trainer.fit(_tracing(trainer, stream, trace))
-    info: dict[str, Any] = {"lr_used": trainer.state.lr, "trace": trace, "retied": retied}
+    info: dict[str, Any] = {
+        "lr_used": trainer.state.lr,
+        "trace": trace,
+        "retied": retied,
+        "decay_started": decay_started,
+        "diag": diag,
+    }
     if kept:
         share = float(changes["refit"])
         info["refit_seconds"] = _refit_decoder(sae, kept[-max(1, round(share * len(kept))) :])
@@ -186,6 +237,106 @@ def _annealing_k(
         trainer.sae.cfg.k = max(k, round(4 * k - 3 * k * min(1.0, step / until)))
         yield batch
     trainer.sae.cfg.k = k
+
+
+def _dead_decaying(
+    trainer: Any, batches: Iterable[torch.Tensor], share: float, grace: int, log: list[int]
+) -> Iterator[torch.Tensor]:
+    state, cfg = trainer.state, trainer.cfg
+    total = cfg.total_training_steps
+    start = [total - cfg.decay_steps_for(state.lr, trainer.sae.cfg.d_sae)]
+
+    def multiplier(step: int) -> float:
+        return 1.0 if step < start[0] else (total - step) / (total - start[0] + 1)
+
+    state.scheduler.lr_lambdas = [multiplier] * len(state.optimizer.param_groups)
+    for step, batch in enumerate(batches):
+        if grace <= step < start[0]:
+            dead = float((state.steps_since_fired > cfg.dead_window_steps).float().mean())
+            if dead > share:
+                start[0] = step
+                log.append(step)
+        yield batch
+
+
+def _normalising(trainer: Any, batches: Iterable[torch.Tensor], share: float) -> Iterator[torch.Tensor]:
+    for step, batch in enumerate(batches):
+        if step == 0:
+            x = batch.float()
+            trainer.state.input_scale = share * x.shape[1] ** 0.5 / x.norm(dim=-1).mean().item()
+            trainer._initialise_from(batch)
+        yield batch
+
+
+def _fitting_scale(trainer: Any, batches: Iterable[torch.Tensor], log: list[float]) -> Iterator[torch.Tensor]:
+    for step, batch in enumerate(batches):
+        if step == 0:
+            log.append(_fit_encoder_scale(trainer, batch))
+        yield batch
+
+
+@torch.no_grad()
+def _fit_encoder_scale(trainer: Any, batch: torch.Tensor) -> float:
+    sae = trainer.sae
+    trainer._initialise_from(batch)
+    x = batch.to(sae.device, torch.float32) * trainer.state.input_scale
+    written = sae.decode(sae.encode(x)) - sae.b_dec
+    scale = float(((x - sae.b_dec) * written).sum() / written.pow(2).sum().clamp_min(1e-12))
+    scale = min(1.0, max(scale, 1e-3))
+    sae.W_enc.mul_(scale)
+    return scale
+
+
+@torch.no_grad()
+def _diagnosing(
+    trainer: Any, batches: Iterable[torch.Tensor], every: int, log: list[dict[str, float]]
+) -> Iterator[torch.Tensor]:
+    sae, state = trainer.sae, trainer.state
+    b_dec0 = None
+    for step, batch in enumerate(batches):
+        if step % every == 0 and step > 0 and state.input_scale:
+            if b_dec0 is None:
+                b_dec0 = sae.b_dec.detach().clone()
+            x = batch[:512] * state.input_scale
+            pre = sae.encode_pre(x)
+            kth = pre.topk(sae.cfg.k, dim=-1).values[:, -1]
+            silent = state.steps_since_fired > 10
+            best = pre.max(dim=0).values
+            cos = torch.nn.functional.cosine_similarity(sae.W_enc.T, sae.W_dec, dim=-1)
+            mean_dir = x.mean(0) / x.mean(0).norm()
+            along = (sae.W_enc.T @ mean_dir) / sae.W_enc.norm(dim=0)
+            row = {
+                "step": step,
+                "silent": int(silent.sum()),
+                "kth_median": float(kth.median()),
+                "best_silent": float(best[silent].median()) if silent.any() else 0.0,
+                "best_live": float(best[~silent].median()),
+                "bdec_moved": float((sae.b_dec - b_dec0).norm()),
+                "bdec_norm": float(sae.b_dec.norm()),
+                "x_norm": float(x.norm(dim=-1).mean()),
+                "cos_live": float(cos[~silent].median()),
+                "cos_silent": float(cos[silent].median()) if silent.any() else 0.0,
+                "mean_dir_live": float(along[~silent].median()),
+                "mean_dir_silent": float(along[silent].median()) if silent.any() else 0.0,
+                "lr": float(state.optimizer.param_groups[0]["lr"]),
+            }
+            log.append(row)
+        yield batch
+
+
+def _dead_slowing_decoder(
+    trainer: Any, batches: Iterable[torch.Tensor], share: float, factor: float, grace: int, log: list[int]
+) -> Iterator[torch.Tensor]:
+    state, cfg = trainer.state, trainer.cfg
+    for step, batch in enumerate(batches):
+        if step >= grace and not log:
+            dead = float((state.steps_since_fired > cfg.dead_window_steps).float().mean())
+            if dead > share:
+                # The decoder's group is the second (`TrainingState`); LambdaLR rescales base_lrs.
+                state.scheduler.base_lrs[1] *= factor
+                state.optimizer.param_groups[1]["lr"] *= factor
+                log.append(step)
+        yield batch
 
 
 def _tracing(

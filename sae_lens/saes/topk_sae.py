@@ -29,12 +29,14 @@ class TopKSAEConfig(SAEConfig):
     (`initial_encoder_scale`: 1 at k 16 and below, 0.5 at k 32, 0.35 from k 46 up). A smaller
     encoder learns which latents win faster under Adam (each step is larger relative to it), but
     the fewer latents a token keeps, the more of them a small one starves: on the quality
-    benchmark (docs/quality.md) k 16 loses a third of its latents at 0.5 or 0.7 and 0.7% at 1; k 32
-    is best at 0.5 (0.3 loses 5-9% at low lrs); k 64 keeps them all at 0.35 and reconstructs 1-6%
-    better than at 0.5. 1 starts it at the decoder's transpose, as the TopK paper does."""
+    benchmark (docs/quality.md) k 16 loses a third of its latents at 0.5 or 0.7 and 0.7% at 1 on
+    layer 3 (at 1 it still loses 3-5% on layers 1 and 5 at lr 1e-3); k 32 is best at 0.5 (0.3
+    loses 5-9% at low lrs); k 64 keeps them all at 0.35 and reconstructs 1-6% better than at 0.5.
+    1 starts it at the decoder's transpose, as the TopK paper does."""
     aux_k_coefficient: float = option(8.0, non_negative)
     """Weight of the AuxK loss (0 turns it off). 8, not the TopK paper's 1/32: on the quality
-    benchmark it keeps the dictionary alive at every lr tried, at no cost in FVU (docs/quality.md)."""
+    benchmark it keeps the dictionary alive at k 32 at every lr tried, at no cost in FVU (k 16 on
+    layers 1 and 5 still loses some: docs/quality.md)."""
 
     @property
     def initial_encoder_scale(self) -> float:
