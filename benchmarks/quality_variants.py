@@ -137,6 +137,8 @@ def train_variant(name: str, cfg_kwargs: dict[str, Any], batches: Iterable[torch
         "retied": retied,
         "decay_started": decay_started,
         "diag": diag,
+        "fitted_scale": scales,
+        "decoder_slowed": decoder_slowed,
     }
     if kept:
         share = float(changes["refit"])
