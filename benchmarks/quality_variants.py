@@ -26,6 +26,11 @@ has the rows they produced):
 - `dead_dec=T`: the first time, after `dead_grace` steps, that more than a share T of the latents
   have not fired for the dead-latent window, multiply the decoder's lr by `dead_dec_factor`
   (default 0.5) for the rest of the run;
+- `resample=N`: every N steps until `resample_until` of the run (default 0.5), give each latent
+  that has not fired for the dead-latent window a new direction: the residual of a token of the
+  batch drawn with probability proportional to its squared error, as its decoder row and (times
+  `resample_norm`, default 1, of the median live encoder norm) its encoder column, the median
+  live b_enc, and fresh Adam moments (Anthropic's 2023 resampling, adapted to TopK);
 - `diag=N`: no change; every N steps record, on 512 tokens of the batch, the median k-th largest
   pre-activation, the median best pre-activation of the silent and of the live latents, how far
   `b_dec` has moved, and the encoder/decoder cosine of each group (`info["diag"]`);
@@ -70,6 +75,9 @@ def train_variant(name: str, cfg_kwargs: dict[str, Any], batches: Iterable[torch
         "norm_to",
         "dead_dec",
         "dead_dec_factor",
+        "resample",
+        "resample_until",
+        "resample_norm",
     }
     if unknown:
         raise ValueError(f"unknown variant keys {sorted(unknown)}")
@@ -129,6 +137,16 @@ def train_variant(name: str, cfg_kwargs: dict[str, Any], batches: Iterable[torch
             int(changes.get("dead_grace", 20)),
             decoder_slowed,
         )
+    resampled: list[tuple[int, int]] = []
+    if "resample" in changes:
+        stream = _resampling(
+            trainer,
+            stream,
+            int(changes["resample"]),
+            int(float(changes.get("resample_until", 0.5)) * cfg.total_training_steps),
+            float(changes.get("resample_norm", 1.0)),
+            resampled,
+        )
     trace: list[dict[str, int]] = []
     trainer.fit(_tracing(trainer, stream, trace))
     info: dict[str, Any] = {
@@ -139,6 +157,7 @@ def train_variant(name: str, cfg_kwargs: dict[str, Any], batches: Iterable[torch
         "diag": diag,
         "fitted_scale": scales,
         "decoder_slowed": decoder_slowed,
+        "resampled": resampled,
     }
     if kept:
         share = float(changes["refit"])
@@ -339,6 +358,50 @@ def _dead_slowing_decoder(
                 state.optimizer.param_groups[1]["lr"] *= factor
                 log.append(step)
         yield batch
+
+
+def _resampling(
+    trainer: Any,
+    batches: Iterable[torch.Tensor],
+    every: int,
+    until: int,
+    norm_share: float,
+    log: list[tuple[int, int]],
+) -> Iterator[torch.Tensor]:
+    for step, batch in enumerate(batches):
+        if step and step % every == 0 and step < until:
+            log.append((step, _resample(trainer, batch, norm_share)))
+        yield batch
+
+
+@torch.no_grad()
+def _resample(trainer: Any, batch: torch.Tensor, norm_share: float) -> int:
+    state, sae, cfg = trainer.state, trainer.sae, trainer.cfg
+    dead = state.steps_since_fired > cfg.dead_window_steps
+    if not dead.any() or dead.all():
+        return 0
+    index = dead.nonzero().squeeze(1)
+    x = batch.to(sae.device, torch.float32) * state.input_scale
+    residual = x - sae.decode(sae.encode(x))
+    weights = residual.pow(2).sum(-1)
+    picks = torch.multinomial(weights / weights.sum(), index.numel(), replacement=index.numel() > len(x))
+    rows = residual[picks]
+    rows = rows / rows.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    live_norm = sae.W_enc.norm(dim=0)[~dead].median()
+    sae.W_dec[index] = rows
+    sae.W_enc[:, index] = rows.T * live_norm * norm_share
+    sae.b_enc[index] = sae.b_enc[~dead].median()
+    for param, where in (
+        (sae.W_enc, (slice(None), index)),
+        (sae.b_enc, (index,)),
+        (sae.W_dec, (index,)),
+    ):
+        moments = state.optimizer.state.get(param)
+        if moments:
+            moments["exp_avg"][where] = 0
+            moments["exp_avg_sq"][where] = 0
+    state.steps_since_fired[index] = 0
+    return int(index.numel())
 
 
 def _tracing(
